@@ -1,0 +1,13 @@
+"""qlora-kit: quantized, low-memory LoRA fine-tuning of LLMs on one GPU or a CPU."""
+from .adapters import load_adapter, save_adapter
+from .config import ConfigError, LoraConfig, QuantConfig
+from .lora import (active_adapters, adapters_disabled, add_lora, parameter_report, set_active_adapters,
+                   set_rank)
+from .model import load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "LoraConfig", "QuantConfig", "active_adapters", "adapters_disabled", "add_lora",
+    "load_adapter", "load_model", "parameter_report", "save_adapter", "set_active_adapters", "set_rank",
+]

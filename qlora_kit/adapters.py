@@ -1,0 +1,212 @@
+"""Adapters on disk in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are PEFT's: ``base_model.model.<module>.lora_A.weight`` ``[r, in]``, ``...lora_B.weight`` ``[out, r]``,
+and ``base_model.model.<module>.weight`` for a ``modules_to_save`` copy. qlora-kit's own facts (the
+quantization the adapter was trained against, its dynamic-rank settings) ride in the safetensors header,
+which PEFT ignores.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .atomic import atomic_dir
+from .config import ConfigError, LoraConfig, QuantConfig
+from .lora import (LoraLinear, TrainableCopy, _layer_index, active_adapters, attach_adapter, lora_layers,
+                   resolve_targets, set_active_adapters)
+
+PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter was trained on a base whose module names or shapes differ from this model's."""
+
+
+def _compact_targets(model: nn.Module, names: list[str]) -> tuple[list[str], list[int] | None]:
+    """PEFT's (target_modules, layers_to_transform) for exactly ``names``: leaf names when they suffice."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    layers = sorted({i for n in names if (i := _layer_index(n)) is not None})
+    for candidate_layers in (None, layers):
+        try:
+            chosen = resolve_targets(model, LoraConfig(target_modules=leaves, layers=candidate_layers))
+        except ConfigError:
+            continue
+        if sorted(chosen) == sorted(names):
+            return leaves, candidate_layers
+    return sorted(names), None
+
+
+def adapter_state(model: nn.Module, name: str = "default", rank: int | None = None) -> dict[str, torch.Tensor]:
+    """PEFT-keyed tensors of adapter ``name``, truncated to ``rank`` (dynamic-rank export) if given."""
+    state = {}
+    for module_name, layer in lora_layers(model):
+        if name in layer.adapters:
+            a = layer.adapters[name]
+            k = min(rank or a.r, a.r)
+            state[f"{PREFIX}{module_name}.lora_A.weight"] = a.lora_A[:k].detach().contiguous().cpu()  # [k, in]
+            state[f"{PREFIX}{module_name}.lora_B.weight"] = a.lora_B[:, :k].detach().contiguous().cpu()  # [out, k]
+    for module_name, module in model.named_modules():
+        if isinstance(module, TrainableCopy) and name in module.copies:
+            for pname, p in module.copies[name].named_parameters():
+                state[f"{PREFIX}{module_name}.{pname}"] = p.detach().contiguous().cpu()
+    return state
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default", rank: int | None = None,
+                 base_model_name_or_path: str | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write adapter ``name`` to ``out_dir`` in PEFT's format, atomically (temp folder, then rename).
+
+    ``rank`` exports a dynamic-rank adapter truncated to its first ``rank`` components, as an ordinary
+    rank-``rank`` LoRA. ``extra_files`` maps file names to text written beside the adapter. Returns the folder.
+    """
+    configs = getattr(model, "lora_configs", {})
+    if name not in configs:
+        raise KeyError(f"no adapter named {name!r} on this model; it has {sorted(configs)}")
+    config = configs[name]
+    state = adapter_state(model, name, rank)
+    modules = [n for n, layer in lora_layers(model) if name in layer.adapters]
+    r = min(rank or config.r, config.r)
+    targets, layers = _compact_targets(model, modules)
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout, "use_rslora": config.use_rslora, "target_modules": targets,
+        "layers_to_transform": layers, "modules_to_save": list(config.modules_to_save) or None,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False,
+        "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None),
+    }
+    quant = getattr(model, "qlora_quant", None)
+    meta = {"lora": dataclasses.asdict(config), "exported_rank": r,
+            "quant": dataclasses.asdict(quant) if quant is not None else None,
+            "compute_dtype": str(getattr(model, "qlora_compute_dtype", "")).removeprefix("torch.")}
+    with atomic_dir(out_dir) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "qlora_kit": json.dumps(meta)})
+        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+    return Path(out_dir)
+
+
+@dataclasses.dataclass
+class AdapterFile:
+    """An adapter folder read from disk: its LoRA settings, tensors keyed by module, and our metadata."""
+
+    config: LoraConfig
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A [r, in], B [out, r])
+    copies: dict[str, dict[str, torch.Tensor]]  # modules_to_save module -> its parameters
+    quant: QuantConfig | None  # the quantization it was trained against, when qlora-kit saved it
+    meta: dict
+
+
+def read_adapter(path: str | Path) -> AdapterFile:
+    """Read an adapter folder (ours or PEFT's). Raises ConfigError naming the file and the problem."""
+    path = Path(path)
+    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            hint = " (qlora-kit never loads pickled adapter_model.bin)" if f == weights else ""
+            raise ConfigError(f"{f}: missing; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_file} line {e.lineno}: invalid JSON: {e.msg}") from None
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{cfg_file}: peft_type {raw.get('peft_type')!r}; only LORA adapters are supported")
+    for unsupported in ("rank_pattern", "alpha_pattern"):
+        if raw.get(unsupported):
+            raise ConfigError(f"{cfg_file}: {unsupported} (per-layer ranks) is not supported by qlora-kit")
+    if raw.get("use_dora"):
+        raise ConfigError(f"{cfg_file}: DoRA adapters are not supported by qlora-kit")
+    with safe_open(str(weights), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("qlora_kit", "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    saved = meta.get("lora") or {}
+    config = LoraConfig(
+        r=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])), dropout=float(raw.get("lora_dropout", 0.0)),
+        use_rslora=bool(raw.get("use_rslora", False)), target_modules=raw.get("target_modules") or "all-linear",
+        layers=raw.get("layers_to_transform"), modules_to_save=list(raw.get("modules_to_save") or []),
+        dynamic_rank=bool(saved.get("dynamic_rank", False)), r_min=int(saved.get("r_min", 1)))
+    if isinstance(config.layers, int):
+        config.layers = [config.layers]
+    lora: dict[str, list] = {}
+    copies: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        k = key.removeprefix(PREFIX)
+        for part, idx in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if k.endswith(part):
+                lora.setdefault(k[: -len(part)], [None, None])[idx] = t
+                break
+        else:
+            owner = next((m for m in config.modules_to_save if k.startswith(m + ".") or f".{m}." in f".{k}"), None)
+            if owner is None:
+                raise ConfigError(f"{weights}: unexpected tensor {key!r} (not LoRA A/B, not a modules_to_save copy)")
+            module, _, pname = k.rpartition(".")
+            copies.setdefault(module, {})[pname] = t
+    for module, (a, b) in lora.items():
+        if a is None or b is None:
+            raise ConfigError(f"{weights}: module {module!r} has only one of lora_A / lora_B")
+    quant = QuantConfig(**meta["quant"]) if meta.get("quant") else None
+    return AdapterFile(config, {m: (a, b) for m, (a, b) in lora.items()}, copies, quant, meta)
+
+
+def _check_matches(model: nn.Module, adapter: AdapterFile, path: Path) -> None:
+    """Raise AdapterMismatchError when a module is missing or an A/B shape does not fit the base."""
+    modules = dict(model.named_modules())
+    missing, wrong = [], []
+    for name, (a, b) in adapter.lora.items():
+        layer = modules.get(name)
+        if layer is None or not isinstance(layer, (nn.Linear, LoraLinear)):
+            missing.append(name)
+        elif a.shape[1] != layer.in_features or b.shape[0] != layer.out_features or a.shape[0] != b.shape[1]:
+            wrong.append(f"{name}: adapter A{tuple(a.shape)} B{tuple(b.shape)} vs base "
+                         f"[{layer.out_features}, {layer.in_features}]")
+    for name, params in adapter.copies.items():
+        module = modules.get(name)
+        if module is None:
+            missing.append(name)
+            continue
+        own = dict(module.named_parameters()) if not isinstance(module, TrainableCopy) else dict(module.original.named_parameters())
+        for pname, t in params.items():
+            if pname in own and own[pname].shape != t.shape:
+                wrong.append(f"{name}.{pname}: adapter {tuple(t.shape)} vs base {tuple(own[pname].shape)} "
+                             "(resize the token embeddings to the adapter's vocabulary first)")
+    if missing or wrong:
+        lines = ([f"modules not in this model: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"] if missing else []) + wrong[:5]
+        raise AdapterMismatchError(f"{path}: adapter does not fit this base model (was it trained on another "
+                                   f"model?); " + "; ".join(lines))
+
+
+def load_adapter(model: nn.Module, path: str | Path, name: str = "default", activate: bool = True) -> LoraConfig:
+    """Load an adapter folder (saved by qlora-kit or PEFT) onto ``model`` as adapter ``name``.
+
+    Several adapters can live on one base under different names; ``activate`` makes this one the active one.
+    Raises AdapterMismatchError before changing the model when names or shapes differ from the base.
+    """
+    path = Path(path)
+    adapter = read_adapter(path)
+    if name in getattr(model, "lora_configs", {}):
+        raise ValueError(f"an adapter named {name!r} is already loaded; pick another name")
+    _check_matches(model, adapter, path)
+    previous = active_adapters(model)
+    attach_adapter(model, sorted(adapter.lora), adapter.config, name)
+    layers = dict(lora_layers(model))
+    with torch.no_grad():
+        for module, (a, b) in adapter.lora.items():
+            target = layers[module].adapters[name]
+            target.lora_A.copy_(a)
+            target.lora_B.copy_(b)
+        for module, params in adapter.copies.items():
+            copy = model.get_submodule(module).copies[name]
+            own = dict(copy.named_parameters())
+            for pname, t in params.items():
+                own[pname].copy_(t)
+    if not activate:
+        set_active_adapters(model, previous)
+    return adapter.config

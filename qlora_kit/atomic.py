@@ -1,0 +1,89 @@
+"""Atomic writes: a file or folder appears complete under its final name, or not at all."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class WriteError(OSError):
+    """A write failed (disk full, permissions); the message says what was kept and what to do."""
+
+
+def _explain(e: OSError, target: Path) -> WriteError:
+    if e.errno == errno.ENOSPC:
+        msg = f"{target}: no space left on device; nothing was replaced (free disk space and retry)"
+    else:
+        msg = f"{target}: write failed ({e.strerror or e}); nothing was replaced"
+    err = WriteError(e.errno or 0, msg)
+    err.filename = str(target)
+    return err
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``target``; on success rename it to ``target``.
+
+    On any exception the temporary folder is removed and ``target`` is left as it was. With
+    ``overwrite=False`` an existing ``target`` raises FileExistsError before anything is written.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (WriteError, FileExistsError, FileNotFoundError)):
+            raise
+        raise _explain(e, target) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _explain(e, path) from e
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
