@@ -200,3 +200,115 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, data, training)")
     return data
+
+
+@dataclass
+class ModelConfig:
+    """Which checkpoint to fine-tune and how to run it."""
+
+    path: str = ""  # local Hugging Face checkpoint folder (config.json + safetensors + tokenizer); "demo" = SmolLM2-135M-Instruct
+    compute_dtype: str = "auto"  # "auto" (by hardware), "bf16", "fp16" or "fp32"
+    device: str = ""  # "cpu", "cuda", "cuda:1"; empty picks the first GPU, else the CPU
+    trust_remote_code: bool = False  # run the checkpoint's own Python code (off unless you trust it)
+
+    def validate(self, where: str = "model") -> None:
+        if self.compute_dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+            raise ConfigError(f"{where}.compute_dtype: {self.compute_dtype!r}; use auto, bf16, fp16 or fp32")
+
+
+@dataclass
+class DataConfig:
+    """Where the training data is, what format it has, and how it is cut into batches."""
+
+    train_file: str = ""  # JSONL, JSON, CSV or Parquet file of training records
+    eval_file: str = ""  # validation records; empty holds out eval_fraction of train_file instead
+    eval_fraction: float = 0.0  # fraction of train_file held out for validation when eval_file is empty
+    format: str = "auto"  # "alpaca", "chat", "prompt_completion", "text", or "auto" (from the first record's fields)
+    max_seq_len: int = 512  # longer examples are truncated (and dropped if no supervised token is left)
+    train_on_prompt: bool = False  # also train on prompt/system/user tokens (default: responses only)
+    packing: bool = False  # pack several examples into one sequence (no attention across them)
+    group_by_length: bool = True  # batch examples of similar length together to save padding
+    cache_dir: str = ""  # where tokenized data is cached; empty: <output_dir>/../.token-cache
+    system_prompt: str = ""  # optional system message added to alpaca and prompt/completion records
+
+    def validate(self, where: str = "data") -> None:
+        if self.format not in ("auto", "alpaca", "chat", "prompt_completion", "text"):
+            raise ConfigError(f"{where}.format: {self.format!r}; use auto, alpaca, chat, prompt_completion or text")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"{where}.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
+        if self.max_seq_len < 8:
+            raise ConfigError(f"{where}.max_seq_len: {self.max_seq_len} is too short; use at least 8")
+
+
+@dataclass
+class TrainingConfig:
+    """The optimisation loop: batches, optimizer, schedule, evaluation, checkpoints and outputs."""
+
+    output_dir: str = "runs/qlora"  # adapter, checkpoints, metrics.jsonl, loss.png and the run summary go here
+    epochs: float = 1.0  # passes over the training data (fractions allowed); max_steps > 0 overrides
+    max_steps: int = 0  # optimizer steps to run; 0 derives them from epochs
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (the loss is normalised by supervised tokens across all of them)
+    lr: float = 2e-4  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay on adapter parameters
+    optimizer: str = "paged_adamw_8bit"  # paged_adamw_8bit, paged_adamw_32bit, adamw_8bit or adamw (torch)
+    scheduler: str = "cosine"  # cosine, linear or constant, after warmup
+    warmup_steps: int = 0  # linear warmup from 0 to lr over these steps
+    warmup_ratio: float = 0.0  # warmup as a fraction of all steps (used when warmup_steps is 0)
+    max_grad_norm: float = 1.0  # clip the adapter gradients' global norm; 0 disables clipping
+    gradient_checkpointing: str = "auto"  # "on", "off", or "auto" (on when the memory plan needs it)
+    eval_every: int = 0  # validation loss every N steps; 0 evaluates only at the end
+    early_stopping_patience: int = 0  # stop after N evaluations without a better validation loss; 0 never stops early
+    save_every: int = 0  # checkpoint every N steps; 0 checkpoints only at the end
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
+    seed: int = 42  # seeds LoRA init, data order, dropout and dynamic-rank sampling
+    log_every: int = 1  # write a metrics.jsonl line every N steps
+    loss_chunk_size: int = 1024  # supervised positions per chunk of the vocabulary projection in the loss
+
+    def validate(self, where: str = "training") -> None:
+        if self.optimizer not in ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"):
+            raise ConfigError(f"{where}.optimizer: {self.optimizer!r} is unknown; use paged_adamw_8bit, "
+                              "paged_adamw_32bit, adamw_8bit or adamw")
+        if self.scheduler not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"{where}.scheduler: {self.scheduler!r}; use cosine, linear or constant")
+        if self.gradient_checkpointing not in ("on", "off", "auto"):
+            raise ConfigError(f"{where}.gradient_checkpointing: {self.gradient_checkpointing!r}; use on, off or auto")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"{where}.on_nonfinite: {self.on_nonfinite!r}; use stop or skip")
+        for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every", "loss_chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"{where}.lr: must be positive, got {self.lr}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError(f"{where}: set epochs > 0 or max_steps > 0")
+
+
+@dataclass
+class TrainConfig:
+    """A whole fine-tune: the YAML file's sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # the checkpoint and how to run it
+    quant: QuantConfig = field(default_factory=QuantConfig)  # how the base is quantized
+    lora: LoraConfig = field(default_factory=LoraConfig)  # the adapters
+    data: DataConfig = field(default_factory=DataConfig)  # the data and batching
+    training: TrainingConfig = field(default_factory=TrainingConfig)  # the optimisation loop
+
+    def validate(self, where: str = "") -> None:
+        self.quant.validate("quant")
+        self.lora.validate("lora")
+        if not self.model.path:
+            raise ConfigError("model.path: required (a local checkpoint folder, or 'demo')")
+        if not self.data.train_file:
+            raise ConfigError("data.train_file: required (a JSONL, JSON, CSV or Parquet file)")
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (optional), apply ``key=value`` overrides, and validate it."""
+    data = load_yaml(path) if path else {}
+    apply_overrides(data, overrides or [])
+    try:
+        return from_dict(TrainConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
