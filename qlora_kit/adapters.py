@@ -59,18 +59,13 @@ def adapter_state(model: nn.Module, name: str = "default", rank: int | None = No
     return state
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default", rank: int | None = None,
-                 base_model_name_or_path: str | None = None, extra_files: dict[str, str] | None = None) -> Path:
-    """Write adapter ``name`` to ``out_dir`` in PEFT's format, atomically (temp folder, then rename).
-
-    ``rank`` exports a dynamic-rank adapter truncated to its first ``rank`` components, as an ordinary
-    rank-``rank`` LoRA. ``extra_files`` maps file names to text written beside the adapter. Returns the folder.
-    """
+def write_adapter_files(folder: Path, model: nn.Module, name: str = "default", rank: int | None = None,
+                        base_model_name_or_path: str | None = None) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` of adapter ``name`` into ``folder``."""
     configs = getattr(model, "lora_configs", {})
     if name not in configs:
         raise KeyError(f"no adapter named {name!r} on this model; it has {sorted(configs)}")
     config = configs[name]
-    state = adapter_state(model, name, rank)
     modules = [n for n, layer in lora_layers(model) if name in layer.adapters]
     r = min(rank or config.r, config.r)
     targets, layers = _compact_targets(model, modules)
@@ -86,9 +81,20 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default", r
     meta = {"lora": dataclasses.asdict(config), "exported_rank": r,
             "quant": dataclasses.asdict(quant) if quant is not None else None,
             "compute_dtype": str(getattr(model, "qlora_compute_dtype", "")).removeprefix("torch.")}
+    save_file(adapter_state(model, name, rank), str(folder / WEIGHTS_FILE),
+              metadata={"format": "pt", "qlora_kit": json.dumps(meta)})
+    (folder / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default", rank: int | None = None,
+                 base_model_name_or_path: str | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Write adapter ``name`` to ``out_dir`` in PEFT's format, atomically (temp folder, then rename).
+
+    ``rank`` exports a dynamic-rank adapter truncated to its first ``rank`` components, as an ordinary
+    rank-``rank`` LoRA. ``extra_files`` maps file names to text written beside the adapter. Returns the folder.
+    """
     with atomic_dir(out_dir) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "qlora_kit": json.dumps(meta)})
-        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
+        write_adapter_files(tmp, model, name, rank, base_model_name_or_path)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)
     return Path(out_dir)
@@ -196,6 +202,14 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
     _check_matches(model, adapter, path)
     previous = active_adapters(model)
     attach_adapter(model, sorted(adapter.lora), adapter.config, name)
+    assign_adapter(model, adapter, name)
+    if not activate:
+        set_active_adapters(model, previous)
+    return adapter.config
+
+
+def assign_adapter(model: nn.Module, adapter: AdapterFile, name: str = "default") -> None:
+    """Copy an adapter file's tensors into the existing adapter ``name`` of ``model`` (shapes must match)."""
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for module, (a, b) in adapter.lora.items():
@@ -203,10 +217,6 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
             target.lora_A.copy_(a)
             target.lora_B.copy_(b)
         for module, params in adapter.copies.items():
-            copy = model.get_submodule(module).copies[name]
-            own = dict(copy.named_parameters())
+            own = dict(model.get_submodule(module).copies[name].named_parameters())
             for pname, t in params.items():
                 own[pname].copy_(t)
-    if not activate:
-        set_active_adapters(model, previous)
-    return adapter.config
