@@ -273,7 +273,8 @@ def _plain(record: dict, fmt: str, cfg: DataConfig, where: str) -> tuple[str, st
     return system + _string_field(record, "prompt", fmt, where), _string_field(record, "completion", fmt, where)
 
 
-def render_record(record: dict, fmt: str, tokenizer, cfg: DataConfig, where: str) -> tuple[str, list[tuple[int, int]], bool]:
+def render_record(record: dict, fmt: str, tokenizer, cfg: DataConfig,
+                  where: str) -> tuple[str, list[tuple[int, int]], bool]:
     """``(text, supervised character spans, templated)`` for one record; validates its fields."""
     if fmt not in FORMAT_FIELDS:
         raise DataError(f"{where}: unknown format {fmt!r}; use alpaca, chat, prompt_completion or text")
@@ -536,6 +537,9 @@ def prepare_data(cfg: DataConfig, tokenizer, cache_dir: Path | None = None, seed
             raise DataError(f"{name}: the eval_fraction split left no training example; lower data.eval_fraction")
     _fill_stats(stats, train)
     stats.eval_examples = len(evals)
+    if stats.truncated or stats.dropped:
+        log.warning("data: %d of %d examples truncated to data.max_seq_len=%d, %d dropped with no supervised "
+                    "token left", stats.truncated, stats.records, cfg.max_seq_len, stats.dropped)
     log.info("data: %d train / %d eval examples from %d records; %d truncated to %d tokens, %d dropped "
              "(no supervised token left); %d tokens (%d supervised); length p50/p90/p99/max %d/%d/%d/%d",
              stats.examples, stats.eval_examples, stats.records, stats.truncated, cfg.max_seq_len, stats.dropped,

@@ -35,7 +35,8 @@ def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
         labels: ``[b, s]`` unshifted token ids (HF convention: position t predicts ``labels[t + 1]``), -100 = ignore.
         head: the LM head (``model.get_output_embeddings()``), applied to ``chunk_size`` rows at a time.
         softcap: tanh soft-capping of the logits (Gemma-2's ``final_logit_softcapping``); None disables it.
-        logit_scale: multiply logits by this before softcapping (Cohere's ``logit_scale``; Granite: 1/``logits_scaling``).
+        logit_scale: multiply the logits by this before softcapping (Cohere's ``logit_scale``;
+            Granite's 1 / ``logits_scaling``).
     Returns:
         ``(loss_sum, n)``: a 0-dim fp32 tensor attached to the graph (0 when n == 0) and the supervised count.
         Divide the sum of ``loss_sum`` over micro-batches by the sum of ``n`` for a correctly normalised mean.

@@ -1,6 +1,5 @@
 """Data pipeline: formats and masking, errors naming file and line, caching, splits, batching and packing."""
 import json
-import re
 
 import pytest
 import torch
@@ -83,7 +82,8 @@ def test_prompt_completion_and_text_formats(tok):
 def test_plain_format_without_chat_template_appends_supervised_eos(plain_tok):
     rec = {"instruction": "Do it", "input": "now", "output": "done"}
     ex = tokenize_example(rec, "alpaca", plain_tok, DataConfig(), "mem")
-    assert plain_tok.decode(ex.input_ids) == "### Instruction:\nDo it\n\n### Input:\nnow\n\n### Response:\ndone<|im_end|>"
+    expected = "### Instruction:\nDo it\n\n### Input:\nnow\n\n### Response:\ndone<|im_end|>"
+    assert plain_tok.decode(ex.input_ids) == expected
     assert _supervised(plain_tok, ex) == ["done<|im_end|>"]
     ex = tokenize_example({"prompt": "Q: x\nA:", "completion": " y"}, "prompt_completion", plain_tok, DataConfig(), "m")
     assert _supervised(plain_tok, ex) == [" y<|im_end|>"]
@@ -285,3 +285,25 @@ def test_packed_logits_equal_each_example_alone(tiny_model_dir, tok, attn):
         leaky = model(input_ids=batch["input_ids"], attention_mask=torch.ones_like(batch["input_ids"])).logits[0]
         n0, n1 = len(exs[0].input_ids), len(exs[1].input_ids)
         assert (leaky[n0:n0 + n1] - packed[n0:n0 + n1]).abs().max() > 1e-2
+
+
+def test_packed_loss_equals_sum_of_losses_alone(tiny_model_dir, tok):
+    from qlora_kit.loss import causal_lm_loss
+
+    model, _ = load_tiny(tiny_model_dir)
+    recs = [{"text": "0123456789 abc"}, {"prompt": "Convert 2024-03-05", "completion": "March fifth, 2024."},
+            {"text": "user assistant system"}]
+    exs = [tokenize_example(r, D.detect_format(r, "m"), tok, DataConfig(train_on_prompt=True), "m") for r in recs]
+    with torch.no_grad():
+        packed, n_packed = causal_lm_loss(model, collate(exs, tok.pad_token_id, True, 128))
+        alone = [causal_lm_loss(model, collate([e], tok.pad_token_id, False, 128)) for e in exs]
+    assert n_packed == sum(n for _, n in alone) == sum(len(e.input_ids) - 1 for e in exs)
+    torch.testing.assert_close(packed, sum(loss for loss, _ in alone), atol=1e-4, rtol=1e-5)
+
+
+def test_template_that_is_not_prefix_stable_is_a_clear_error():
+    t = build_tokenizer()
+    t.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if messages %}END{% endif %}"
+    rec = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    with pytest.raises(DataError, match=r"f line 4: the chat template does not render the conversation prefix"):
+        tokenize_example(rec, "chat", t, DataConfig(), "f line 4")
