@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, safetensors_bytes
 from .config import ConfigError, LoraConfig, QuantConfig
 from .lora import (LoraLinear, TrainableCopy, _layer_index, active_adapters, attach_adapter, lora_layers,
                    resolve_targets, set_active_adapters)
@@ -81,8 +80,8 @@ def write_adapter_files(folder: Path, model: nn.Module, name: str = "default", r
     meta = {"lora": dataclasses.asdict(config), "exported_rank": r,
             "quant": dataclasses.asdict(quant) if quant is not None else None,
             "compute_dtype": str(getattr(model, "qlora_compute_dtype", "")).removeprefix("torch.")}
-    save_file(adapter_state(model, name, rank), str(folder / WEIGHTS_FILE),
-              metadata={"format": "pt", "qlora_kit": json.dumps(meta)})
+    data = safetensors_bytes(adapter_state(model, name, rank), {"format": "pt", "qlora_kit": json.dumps(meta)})
+    (folder / WEIGHTS_FILE).write_bytes(data)
     (folder / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
 
 

@@ -87,3 +87,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_json(path: str | Path, obj) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """Serialize tensors to safetensors with a canonical header (sorted metadata), so equal inputs give equal bytes.
+
+    safetensors writes its metadata map in hash order; re-serializing the header with sorted keys (same length,
+    so the data offsets stay valid) makes the file reproducible byte for byte.
+    """
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if len(canonical) > n:  # cannot happen for a reordering; keep the original rather than corrupt offsets
+        return raw
+    return raw[:8] + canonical + b" " * (n - len(canonical)) + raw[8 + n:]

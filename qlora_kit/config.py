@@ -136,7 +136,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     return value

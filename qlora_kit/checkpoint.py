@@ -1,0 +1,94 @@
+"""Training checkpoints: written atomically, kept K deep, read back without pickle.
+
+A checkpoint folder ``checkpoints/step-000120/`` holds the adapter (PEFT format), the optimizer state as
+``optimizer.safetensors`` + ``optimizer.json`` (tensors and the structure around them), and
+``trainer_state.json``. It appears under its final name only once complete, so a folder named
+``step-*`` with ``trainer_state.json`` is always whole; temporary folders start with a dot.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .adapters import write_adapter_files
+from .atomic import atomic_dir, safetensors_bytes
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
+    """Replace every tensor in a nested dict/list by a reference, collecting the tensors by path."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().contiguous().cpu()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_flatten(k, tensors, f"{path}.k{i}"), _flatten(v, tensors, f"{path}.{i}")]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__" if isinstance(obj, list) else "__tuple__":
+                [_flatten(v, tensors, f"{path}[{i}]") for i, v in enumerate(obj)]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {path!r}")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            return [_unflatten(v, tensors) for v in obj["__list__"]]
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+    return obj
+
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    keep: int) -> Path:
+    """Write ``root/step-{step}`` atomically and delete all but the newest ``keep`` checkpoints."""
+    target = root / f"step-{step:06d}"
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _flatten(optimizer.state_dict(), tensors)
+    with atomic_dir(target) as tmp:
+        write_adapter_files(tmp, model)
+        (tmp / "optimizer.safetensors").write_bytes(safetensors_bytes(tensors))
+        (tmp / "optimizer.json").write_text(json.dumps(structure))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under ``root``, oldest first (half-written temp folders are ignored)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_optimizer_state(folder: Path) -> dict:
+    """The optimizer state dict saved in ``folder`` (safetensors + JSON; nothing is unpickled)."""
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    return _unflatten(json.loads((folder / "optimizer.json").read_text()), tensors)
+
+
+def load_trainer_state(folder: Path) -> dict:
+    """The trainer state (step, best validation loss, ...) saved in ``folder``."""
+    return json.loads((folder / STATE_FILE).read_text())

@@ -1,0 +1,392 @@
+"""The training loop: token-normalised accumulation, checkpoints and exact resume, evaluation, outputs.
+
+One optimizer step consumes ``grad_accum * world_size`` micro-batches. Every rank knows the whole group,
+so the number of supervised tokens is global by construction and each micro-batch's loss is
+``sum of token losses / tokens in the whole step``: k micro-batches give exactly the gradient of one big
+batch. The random state is re-seeded from (seed, step) at every step, so a resumed run replays the
+interrupted one bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from .adapters import assign_adapter, read_adapter, save_adapter
+from .checkpoint import latest_checkpoint, load_optimizer_state, load_trainer_state, save_checkpoint
+from .config import ConfigError, TrainConfig, to_dict
+from .data import Example, collate, make_batches, prepare_data
+from .loss import causal_lm_loss
+from .lora import add_lora, set_rank
+from .metrics import MetricsLog, peak_rss_mb
+from .model import check_model_path, load_model, set_gradient_checkpointing
+from .optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger("qlora_kit")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN/inf loss, a bad resume); the message names the step and the way out."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run produced and measured."""
+
+    output_dir: Path  # the run folder
+    adapter_dir: Path | None  # the final adapter (None when interrupted: see the last checkpoint)
+    status: str  # "completed", "early_stopped" or "interrupted"
+    steps: int  # optimizer steps done in total
+    tokens: int  # non-padding tokens processed in this invocation
+    supervised_tokens: int  # tokens that carried a label in this invocation
+    seconds: float  # wall time of the training steps in this invocation
+    peak_memory_mb: float  # peak RSS on CPU (includes mapped weight files), peak allocated on CUDA
+    final_train_loss: float | None  # mean loss of the last logged step
+    eval_loss: float | None  # validation loss at the end
+    best_eval_loss: float | None  # best validation loss seen
+    best_step: int | None  # the step of the best validation loss
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def resolve_model_path(path: str) -> Path:
+    """``"demo"`` names the cached SmolLM2-135M-Instruct; anything else is a local folder."""
+    if path == "demo":
+        from .demo import demo_model_path
+
+        return demo_model_path()
+    return Path(path)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints after the current step and exits cleanly."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: no handlers
+            pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("\n%s received: finishing this step, then saving a checkpoint", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class SupervisedLoss(torch.nn.Module):
+    """The model plus its loss as one module, so DDP's forward (and gradient sync) wraps the whole step."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        """Sum of token cross-entropies over the batch's supervised positions (0-dim)."""
+        return causal_lm_loss(self.model, batch, self.chunk_size)[0]
+
+
+def accumulate_gradients(step_fn: torch.nn.Module, accelerator, micro_batches: list[dict], step_tokens: int) -> float:
+    """Backward over this rank's micro-batches, each loss divided by the step's global supervised tokens.
+
+    ``step_tokens`` counts supervised tokens over every rank's micro-batches of the step, so the summed
+    gradient equals that of one big batch (not a mean of micro-batch means). Returns this rank's loss sum.
+    """
+    world = accelerator.num_processes
+    total = 0.0
+    for j, batch in enumerate(micro_batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        sync = j == len(micro_batches) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(step_fn):
+            loss_sum = step_fn(**batch)
+            # DDP averages gradients over ranks, hence * world: the result is sum / global tokens
+            accelerator.backward(loss_sum * (world / max(step_tokens, 1)))
+        total += loss_sum.item()
+    return total
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[Example], batch_size: int, pad_id: int, max_seq_len: int,
+                  chunk: int = 1024) -> float:
+    """Mean cross-entropy per supervised token over ``examples`` (batched, sorted by length)."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id, False, max_seq_len)
+        loss_sum, n = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, chunk)
+        total, count = total + loss_sum.item(), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _gradient_checkpointing(config: TrainConfig, model_path: Path, seq_len: int) -> bool:
+    choice = config.training.gradient_checkpointing
+    if choice != "auto":
+        return choice == "on"
+    try:
+        from .memory import available_memory, plan_memory
+    except ImportError:
+        return False
+    plan = plan_memory(str(model_path / "config.json"), seq_len=seq_len, batch=config.training.batch_size,
+                       rank=config.lora.r, optimizer=config.training.optimizer, grad_checkpointing=False)
+    need, have = plan.total_bytes, available_memory()
+    log.info("gradient checkpointing auto: the plan without it needs %.1f GiB of %.1f GiB available -> %s",
+             need / 2**30, have / 2**30, "on" if need > 0.8 * have else "off")
+    return need > 0.8 * have
+
+
+def _prepare_output(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from; refuses to overwrite an earlier run unless resuming."""
+    ckpt = latest_checkpoint(out / "checkpoints")
+    if ckpt is None and resume:
+        log.info("--resume: no checkpoint in %s yet; starting from step 0", out)
+    if ckpt is not None and not resume:
+        raise ConfigError(f"training.output_dir {str(out)!r} already holds a run (checkpoint {ckpt.name}); pass "
+                          "--resume to continue it, or choose another output_dir")
+    return ckpt if resume else None
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None) -> TrainResult:
+    """Fine-tune ``config.model.path`` with LoRA on ``config.data`` and write the run to ``output_dir``.
+
+    Everything is validated (config, model folder, every data record) before the model is loaded.
+    ``model``/``tokenizer`` may be passed in already loaded (4-bit, without adapters). Returns a TrainResult;
+    raises ConfigError/DataError for bad input and TrainingError for a NaN/inf loss with ``on_nonfinite=stop``.
+    """
+    from accelerate import Accelerator
+
+    config.validate()
+    tc, out = config.training, Path(config.training.output_dir)
+    model_path = resolve_model_path(config.model.path)
+    check_model_path(model_path)
+    resume_from = _prepare_output(out, resume)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=config.model.trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    cache = Path(config.data.cache_dir) if config.data.cache_dir else out.parent / ".token-cache"
+    train_set, eval_set, stats = prepare_data(config.data, tokenizer, cache_dir=cache, seed=tc.seed)
+
+    accelerator = Accelerator(cpu=config.model.device == "cpu")
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    longest = max(len(e.input_ids) for e in train_set)
+    checkpointing = _gradient_checkpointing(config, model_path, min(longest, config.data.max_seq_len))
+    if model is None:
+        model, _ = load_model(model_path, config.quant, config.model.compute_dtype, checkpointing,
+                              device=str(accelerator.device), trust_remote_code=config.model.trust_remote_code)
+    else:
+        set_gradient_checkpointing(model, checkpointing)
+    torch.manual_seed(tc.seed)
+    add_lora(model, config.lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, tc, accelerator.device)
+    core = model
+    step_fn, optimizer = accelerator.prepare(SupervisedLoss(model, tc.loss_chunk_size), optimizer)
+
+    micro_per_step = tc.grad_accum * world
+    batches_per_epoch = len(make_batches(train_set, tc.batch_size, config.data, tc.seed, 0))
+    steps_per_epoch = batches_per_epoch // micro_per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data: {len(train_set)} examples make {batches_per_epoch} micro-batches, fewer than one "
+                          f"optimizer step needs ({tc.grad_accum} x {world} ranks); lower training.batch_size or grad_accum")
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+
+    state = {"best_eval_loss": None, "best_step": None, "bad_evals": 0, "world_size": world,
+             "micro_batches_per_step": micro_per_step}
+    start_step = 0
+    if resume_from is not None:
+        saved = load_trainer_state(resume_from)
+        if saved.get("micro_batches_per_step") != micro_per_step:
+            raise TrainingError(
+                f"{resume_from}: saved with {saved.get('micro_batches_per_step')} micro-batches per step "
+                f"(grad_accum x world size), this launch has {micro_per_step}; resume with the same product "
+                "(e.g. double grad_accum when halving the number of processes)")
+        assign_adapter(core, read_adapter(resume_from))
+        optimizer.load_state_dict(load_optimizer_state(resume_from))
+        state.update({k: saved[k] for k in ("best_eval_loss", "best_step", "bad_evals") if k in saved})
+        start_step = saved["step"]
+        log.info("resumed from %s at step %d of %d", resume_from, start_step, total_steps)
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_run_info(out, config, stats, world, checkpointing)
+    metrics = MetricsLog(out / "metrics.jsonl", start_step, enabled=main)
+    epoch_cache: dict[int, list[list[int]]] = {}
+    pad_id = tokenizer.pad_token_id
+    status, tokens, supervised, seconds, last_loss, eval_loss = "completed", 0, 0, 0.0, None, None
+
+    def step_group(step: int) -> list[list[int]]:
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = make_batches(train_set, tc.batch_size, config.data, tc.seed, epoch)
+        return epoch_cache[epoch][k * micro_per_step:(k + 1) * micro_per_step]
+
+    def checkpoint(step: int) -> None:
+        if main:
+            save_checkpoint(out / "checkpoints", step, core, optimizer, state, tc.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not (progress and main), dynamic_ncols=True)
+    done, saved_at = start_step, start_step if resume_from is not None else -1
+    core.train()
+    with _StopFlag() as stop:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            torch.manual_seed(_step_seed(tc.seed, step))
+            sampled_rank = None
+            if config.lora.dynamic_rank:
+                sampled_rank = random.Random(_step_seed(tc.seed, step)).randint(config.lora.r_min, config.lora.r)
+                set_rank(core, sampled_rank)
+            group = [[train_set[i] for i in b] for b in step_group(step)]
+            collated = [collate(examples, pad_id, config.data.packing, config.data.max_seq_len) for examples in group]
+            step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in collated)  # global, all ranks
+            loss_total = accumulate_gradients(step_fn, accelerator, collated[rank::world], step_tokens)
+            tokens += sum(len(e.input_ids) for b in group[rank::world] for e in b)
+            if world > 1:
+                loss_total = accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum").item()
+            supervised += step_tokens
+            step_loss = loss_total / max(step_tokens, 1)
+            norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
+            if not (math.isfinite(step_loss) and math.isfinite(float(norm))):
+                optimizer.zero_grad(set_to_none=True)
+                what = f"step {step + 1}: loss {step_loss}, gradient norm {float(norm)}"
+                if tc.on_nonfinite == "stop":
+                    kept = latest_checkpoint(out / "checkpoints")
+                    raise TrainingError(f"{what} is not finite; stopped. The last good checkpoint is "
+                                        f"{kept or 'none (no checkpoint was written yet)'}. Lower training.lr, "
+                                        "check the data, or set training.on_nonfinite=skip")
+                log.warning("%s is not finite; step skipped (training.on_nonfinite=skip)", what)
+                done = step + 1
+                bar.update(1)
+                continue
+            lr = lr_at(step, total_steps, tc)
+            set_lr(optimizer, lr)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds += time.perf_counter() - t0
+            last_loss = step_loss
+            done = step + 1
+            record = {"step": done, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(float(norm), 6),
+                      "tokens_per_s": round(tokens / seconds, 2), "supervised_tokens": step_tokens}
+            if sampled_rank is not None:
+                record["rank"] = sampled_rank
+            if done % tc.log_every == 0 or done == total_steps:
+                metrics.write(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+            last = done == total_steps
+            if eval_set and ((tc.eval_every and done % tc.eval_every == 0) or last):
+                set_rank(core, None)
+                eval_loss = evaluate_loss(core, eval_set, tc.batch_size, pad_id, config.data.max_seq_len, tc.loss_chunk_size)
+                core.train()
+                improved = state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]
+                if improved:
+                    state.update(best_eval_loss=eval_loss, best_step=done, bad_evals=0)
+                    if main:
+                        save_adapter(core, out / "best_adapter")
+                else:
+                    state["bad_evals"] += 1
+                metrics.write({"step": done, "eval_loss": round(eval_loss, 6)})
+                bar.write(f"step {done}: validation loss {eval_loss:.4f}" + (" (best)" if improved else ""))
+                if tc.early_stopping_patience and state["bad_evals"] >= tc.early_stopping_patience:
+                    status = "early_stopped"
+            if (tc.save_every and done % tc.save_every == 0) or stop.signal is not None or status != "completed":
+                checkpoint(done)
+                saved_at = done
+            if stop.signal is not None:
+                status = "interrupted"
+            if status != "completed":
+                break
+    bar.close()
+    set_rank(core, None)
+    adapter_dir = None
+    if status == "interrupted":
+        log.warning("interrupted at step %d; checkpoint saved. Resume with: qlora-kit train CONFIG.yaml --resume "
+                    "training.output_dir=%s", done, out)
+    else:
+        if saved_at != done:
+            checkpoint(done)
+        if main:
+            adapter_dir = save_adapter(core, out / "adapter")
+            tokenizer.save_pretrained(str(out / "adapter"))
+    result = TrainResult(out, adapter_dir, status, done, tokens, supervised, seconds, _peak_memory_mb(),
+                         last_loss, eval_loss, state["best_eval_loss"], state["best_step"])
+    if main:
+        metrics.plot(out / "loss.png")
+        _write_summary(out, result)
+    return result
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mb()
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    found = {}
+    for pkg in ("qlora-kit", "torch", "transformers", "bitsandbytes", "accelerate", "safetensors"):
+        try:
+            found[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            found[pkg] = None
+    return found
+
+
+def _write_run_info(out: Path, config: TrainConfig, stats, world: int, checkpointing: bool) -> None:
+    from .atomic import atomic_write_bytes, atomic_write_json
+
+    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
+    atomic_write_json(out / "run_info.json", {"versions": _versions(), "seed": config.training.seed,
+                                              "world_size": world, "gradient_checkpointing": checkpointing,
+                                              "data": dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else stats})
+
+
+def _write_summary(out: Path, result: TrainResult) -> None:
+    from .atomic import atomic_write_json
+
+    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
+    summary["tokens_per_s"] = round(result.tokens_per_s, 2)
+    atomic_write_json(out / "summary.json", summary)
+    lines = [f"{result.status}: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s "
+             f"({result.tokens_per_s:.0f} tokens/s), peak memory {result.peak_memory_mb:.0f} MB"]
+    if result.best_eval_loss is not None:
+        lines.append(f"validation loss {result.eval_loss:.4f} (best {result.best_eval_loss:.4f} at step {result.best_step})")
+    if result.adapter_dir:
+        lines.append(f"adapter: {result.adapter_dir}   plot: {out / 'loss.png'}   metrics: {out / 'metrics.jsonl'}")
+    log.info("\n".join(lines))
