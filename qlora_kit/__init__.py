@@ -3,11 +3,12 @@ from .adapters import load_adapter, save_adapter
 from .config import ConfigError, LoraConfig, QuantConfig
 from .lora import (active_adapters, adapters_disabled, add_lora, parameter_report, set_active_adapters,
                    set_rank)
+from .memory import plan_memory
 from .model import load_model
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "LoraConfig", "QuantConfig", "active_adapters", "adapters_disabled", "add_lora",
-    "load_adapter", "load_model", "parameter_report", "save_adapter", "set_active_adapters", "set_rank",
+    "load_adapter", "load_model", "parameter_report", "plan_memory", "save_adapter", "set_active_adapters", "set_rank",
 ]

@@ -1,0 +1,487 @@
+"""The memory planner: will this QLoRA fine-tune fit, and which knob makes it fit?
+
+Works from a config.json alone (a dict, a path, a checkpoint folder, or a shipped name such as
+"llama-3.1-70b"), so a 70B plan takes milliseconds. Every figure is derived from the block's tensors:
+
+* 4-bit weights: n/2 bytes of codes plus one absmax per 64 weights (fp32, or 8-bit with double quantization
+  plus one fp32 scale per 256 absmax); unquantized parameters (embeddings, an untied head, norms, biases)
+  in the compute dtype, as ``load_model`` loads them.
+* LoRA: r·(in+out) per adapted linear, kept in fp32 by ``add_lora``; gradients the same; AdamW holds two fp32
+  moments (8 bytes/param), AdamW8bit two uint8 moments plus one fp32 absmax per 256 (tensors under 4096
+  elements stay 32-bit, as in bitsandbytes). Paged states are counted on the device, and the verdict says how
+  much of them can spill to host memory.
+* Activations: the tensors autograd saves for one Llama/Mistral/Qwen2/Gemma-style decoder layer, derived in
+  ``saved_per_token`` below; with checkpointing only each layer's input is kept and one layer is recomputed.
+* The loss: unchunked (``model(..., labels=...)``) the head's logits in the compute dtype, the fp32 upcast and
+  fp32 log-probabilities exist in forward, and in backward the saved log-probs, their gradient and the
+  logits' gradient (3 x 4 bytes per token per vocabulary entry); chunked, one chunk of fp32 logits and its
+  gradient plus the supervised tokens' hidden states and their gradient.
+* The peak is the static memory (weights, LoRA parameters, optimizer states, framework) plus the largest of
+  three moments: the loss backward (every saved activation alive, no LoRA gradient yet), a decoder layer's
+  backward (activations partly freed, gradients partly allocated), and the optimizer step (all gradients).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, QuantConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+GiB = 2**30
+_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+# Framework overhead (bytes, per device). CUDA: the context with lazily loaded kernels (~0.3-0.5 GB), cuBLAS
+# workspaces and the caching allocator's slack, together about 1 GiB in nvidia-smi for a training process.
+# CPU: RssAnon of a process after importing torch, transformers, bitsandbytes and the model's code and running
+# a first matmul (measured here: 273 MB after the imports, about 300 MB initialised).
+FRAMEWORK_OVERHEAD = {"cuda": 1 * GiB, "cpu": 300 * 2**20}
+_GATED_ACTS = ("silu", "swish", "gelu_pytorch_tanh", "gelu_new", "gelu")
+
+
+@dataclass
+class Architecture:
+    """The shapes that set a decoder-only model's memory, read from its config.json."""
+
+    name: str  # shipped name or model_type
+    model_type: str  # "llama", "mistral", "qwen2", "gemma2"...
+    hidden: int  # hidden_size
+    intermediate: int  # intermediate_size of the MLP
+    layers: int  # num_hidden_layers
+    heads: int  # num_attention_heads
+    kv_heads: int  # num_key_value_heads (GQA when fewer than heads)
+    head_dim: int  # per-head width (Gemma 2 9B: 256, not hidden / heads)
+    vocab: int  # vocab_size
+    tied: bool  # tie_word_embeddings: the LM head shares the embedding matrix
+    gated_mlp: bool  # SwiGLU/GeGLU (gate, up, down) rather than a two-matrix GELU MLP
+    norms_per_layer: int  # RMSNorms inside a block (2 for Llama, 4 for Gemma 2)
+    qkv_bias: bool  # q/k/v projections carry biases (Qwen2)
+    final_softcap: bool  # logits are soft-capped with tanh (Gemma 2)
+    attn_softcap: bool  # attention scores are soft-capped (Gemma 2; forces eager attention in transformers)
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """Per-layer linear layers: name -> (in_features, out_features)."""
+        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
+        attn = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+        mlp = {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)} if self.gated_mlp else \
+            {"up_proj": (h, i), "down_proj": (i, h)}
+        return {**attn, **mlp}
+
+    @property
+    def params(self) -> int:
+        """Total parameters (embeddings and head counted once when tied)."""
+        block = sum(a * b for a, b in self.linears().values()) + self.norms_per_layer * self.hidden
+        return self.layers * block + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+
+def shipped_configs() -> list[str]:
+    """Names of the model configs shipped in qlora_kit/configs (e.g. "llama-3.1-70b")."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def read_config(model_or_config: str | Path | dict) -> dict:
+    """A config.json dict from a dict, a config.json path, a checkpoint folder or a shipped name."""
+    if isinstance(model_or_config, dict):
+        return model_or_config
+    text = str(model_or_config)
+    path = Path(text)
+    if path.is_dir():
+        path = path / "config.json"
+    elif not path.exists() and (CONFIG_DIR / f"{text.lower()}.json").is_file():
+        path = CONFIG_DIR / f"{text.lower()}.json"
+    if not path.is_file():
+        raise ConfigError(f"model {text!r}: not a config.json, a checkpoint folder or a shipped config; "
+                          f"shipped: {', '.join(shipped_configs())}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} line {e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def architecture(model_or_config: str | Path | dict) -> Architecture:
+    """Parse the shapes the planner needs; ConfigError names a missing field."""
+    cfg = read_config(model_or_config)
+    cfg = {**cfg.get("text_config", {}), **cfg} if "hidden_size" not in cfg else cfg
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if key not in cfg:
+            raise ConfigError(f"model config: missing field {key!r} (the planner needs a decoder-only "
+                              f"config.json with hidden_size, intermediate_size, num_hidden_layers, ...)")
+    heads = int(cfg["num_attention_heads"])
+    model_type = str(cfg.get("model_type", "llama"))
+    act = str(cfg.get("hidden_act", cfg.get("hidden_activation", "silu")))
+    gated = model_type not in ("gpt2", "gpt_neox", "phi", "falcon", "opt", "bloom", "starcoder2") and act in _GATED_ACTS
+    return Architecture(
+        name=str(cfg.get("_qlora_kit_name", model_type)), model_type=model_type, hidden=int(cfg["hidden_size"]),
+        intermediate=int(cfg["intermediate_size"]), layers=int(cfg["num_hidden_layers"]), heads=heads,
+        kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads), vocab=int(cfg["vocab_size"]),
+        tied=bool(cfg.get("tie_word_embeddings", False)), gated_mlp=gated,
+        norms_per_layer=4 if model_type in ("gemma2", "gemma3", "gemma3_text") else 2,
+        qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+        final_softcap=bool(cfg.get("final_logit_softcapping")), attn_softcap=bool(cfg.get("attn_logit_softcapping")))
+
+
+def target_names(arch: Architecture, targets: str | list[str]) -> list[str]:
+    """Which per-layer linears get LoRA: "all-linear", a list of suffixes, or "attention"/"mlp"."""
+    names = list(arch.linears())
+    if targets == "all-linear":
+        return names
+    wanted = targets.split(",") if isinstance(targets, str) else list(targets)
+    chosen = [n for n in names if n in wanted]
+    if not chosen:
+        raise ConfigError(f"targets={targets!r} matches none of this model's linears ({', '.join(names)}); "
+                          "use all-linear or a comma-separated list such as q_proj,v_proj")
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# The physics, in bytes
+
+def quantized_bytes(n: int, quant: QuantConfig, dtype_bytes: int) -> float:
+    """Bytes of ``n`` weights stored by bitsandbytes: 4-bit codes + absmax scales (8-bit DQ or fp32)."""
+    if quant.bits == 16:
+        return n * dtype_bytes
+    if quant.bits == 8:
+        return n * 1.0  # int8 codes; the per-row fp32 scales are added by the caller per matrix
+    blocks = -(-n // quant.blocksize)
+    if quant.double_quant:  # uint8 absmax, fp32 absmax per 256 of them, a 256-entry fp32 code, an offset
+        scales = blocks + -(-blocks // 256) * 4 + 256 * 4 + 4
+    else:
+        scales = blocks * 4
+    return n / 2 + scales + 16 * 4  # + the 16-entry NF4/FP4 code
+
+
+def saved_per_token(arch: Architecture, lora: list[str], r: int, cb: int, lb: int, seq_len: int,
+                    attention: str) -> float:
+    """Bytes autograd keeps per token for one decoder layer (no checkpointing).
+
+    r: LoRA rank; cb: compute dtype bytes; lb: LoRA dtype bytes. Walks the block in order:
+    RMSNorm: upcasts its input to fp32 and keeps it (4h) plus 1/rms (4). Frozen 4-bit linears keep only their
+    packed weight. A LoRA linear keeps its input in the LoRA dtype (its own copy when cb != lb, so q/k/v keep
+    three) and the r-wide intermediate. RoPE keeps cos/sin only (shared). SDPA (flash on CPU and GPU, GQA
+    without repeating k/v) keeps q, k, v, its output and the fp32 log-sum-exp per head; eager attention keeps
+    the fp32 softmax and the probabilities (s per head per token). Gated MLP: act(gate) keeps gate, the product
+    keeps act(gate) and up; down's LoRA keeps the product.
+    """
+    h, i = arch.hidden, arch.intermediate
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+
+    def lora_inputs(group: list[str], width: int, already_saved: bool) -> float:
+        hit = [n for n in group if n in lora]
+        if not hit:
+            return 0.0
+        if cb == lb:  # the LoRA keeps the very tensor the layers received, once
+            return 0.0 if already_saved else cb * width
+        return lb * width * len(hit)  # each LoRA casts the input to its own dtype and keeps the copy
+
+    total = arch.norms_per_layer * (4 * h + 4)
+    total += lora_inputs(["q_proj", "k_proj", "v_proj"], h, False)
+    if attention == "sdpa":
+        total += cb * (2 * q + 2 * kv) + 4 * arch.heads
+    else:  # eager: q, repeated k and v, fp32 softmax, probabilities (+ tanh output when soft-capped)
+        total += cb * 3 * q + arch.heads * seq_len * (4 + cb + (cb if arch.attn_softcap else 0))
+    total += lora_inputs(["o_proj"], q, attention == "sdpa")
+    total += lora_inputs(["gate_proj", "up_proj"] if arch.gated_mlp else ["up_proj"], h, False)
+    total += cb * i * (3 if arch.gated_mlp else 1)  # gate, act(gate), up  |  fc1 output
+    total += lora_inputs(["down_proj"], i, False)  # the product (gated) | the activation's output
+    total += len(lora) * lb * r  # each LoRA's r-wide intermediate x @ A^T
+    return total
+
+
+def layer_backward_transient(arch: Architecture, cb: int, lb: int) -> float:
+    """Bytes per token of gradient buffers alive on top of a layer's saved tensors during its backward.
+
+    The widest point is the MLP: down_proj's backward holds the output gradient (cb·h, and lb·h on the LoRA
+    path) and the gradient of its LoRA input copy (lb·I); by the product's backward that copy is freed and
+    the two gradients of gate and up (2·cb·I) take its place.
+    """
+    return max(lb, 2 * cb) * arch.intermediate + (cb + lb) * arch.hidden
+
+
+def loss_bytes(arch: Architecture, tokens: int, cb: int, chunked: bool, chunk: int, supervised: float) -> float:
+    """Peak bytes of the loss over the vocabulary (see the module docstring)."""
+    V, h = arch.vocab, arch.hidden
+    softcap = cb * V if arch.final_softcap else 0  # tanh output kept for backward
+    if not chunked:
+        return tokens * max(cb * V + 4 * V + 4 * V + softcap, 12 * V + softcap)
+    sup = tokens * supervised  # qlora_kit.loss: each chunk is checkpointed, so one chunk's logits live at a time,
+    # as in the unchunked case; plus the gathered supervised hidden states and their gradient
+    return min(chunk, sup) * (max(cb * V + 8 * V, 12 * V) + softcap) + sup * h * cb * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Row:
+    """One line of the memory table."""
+
+    item: str  # what the bytes are
+    bytes: float  # bytes under the chosen settings
+    at_peak: float  # of which alive at the peak moment
+    alternative: str  # the same item under the other setting, e.g. "no double quant: 3.9 GiB"
+
+
+@dataclass
+class MemoryPlan:
+    """A memory plan for one QLoRA fine-tune on one device."""
+
+    model: str  # shipped name or model_type
+    settings: dict  # every setting the plan assumed
+    rows: list[Row]  # the table
+    peak_moment: str  # when the peak happens: "loss backward", "layer backward" or "optimizer step"
+    total: float  # bytes: the predicted peak per device, framework overhead included
+    overhead: float  # bytes: the framework overhead inside ``total``
+    spillable: float  # bytes of paged optimizer state that can move to host memory under pressure
+    device_memory: float | None  # bytes available per device, if given
+    fits: bool | None  # total <= device_memory (None when no device_memory was given)
+    max_batch: int | None  # largest batch that fits at seq_len (0: none)
+    max_seq_len: int | None  # largest sequence length (multiple of 64) that fits at batch
+    advice: str  # the cheapest change that makes it fit, or why it already fits
+    params: int = 0  # model parameters
+    lora_params: int = 0  # trainable LoRA parameters
+
+    def __str__(self) -> str:
+        return format_plan(self)
+
+
+def _optimizer_bytes(sizes: list[int], optimizer: str) -> float:
+    if optimizer.endswith("8bit"):
+        return sum(8 * n if n < 4096 else 2 * n + n / 256 * 8 for n in sizes)
+    return 8.0 * sum(sizes)
+
+
+def _plan_rows(arch: Architecture, s: dict) -> tuple[list[Row], str, float, float]:
+    """The table rows, the peak moment, the tensor peak and the spillable optimizer bytes."""
+    cb, lb = _DTYPE_BYTES[s["compute_dtype"]], 4
+    quant: QuantConfig = s["quant"]
+    n_dev = s["devices"] if s["strategy"] == "fsdp" else 1
+    lin = arch.linears()
+    lora = target_names(arch, s["targets"])
+    T = s["batch"] * s["seq_len"]
+    L = arch.layers
+    n_quant = L * sum(a * b for a, b in lin.values())
+    dq = dataclasses.replace(quant, double_quant=not quant.double_quant)
+    w4 = L * sum(quantized_bytes(a * b, quant, cb) + (4 * b if quant.bits == 8 else 0) for a, b in lin.values())
+    w4_alt = L * sum(quantized_bytes(a * b, dq, cb) for a, b in lin.values())
+    bias = L * (arch.heads + 2 * arch.kv_heads) * arch.head_dim if arch.qkv_bias else 0
+    unq = cb * (arch.vocab * arch.hidden * (1 if arch.tied else 2) + (arch.norms_per_layer * L + 1) * arch.hidden + bias)
+    sizes = [s["rank"] * x for _ in range(L) for name in lora for x in lin[name]]
+    P = sum(sizes)
+    lora_w, grads = lb * P, lb * P
+    opt = _optimizer_bytes(sizes, s["optimizer"])
+    opt_alt_name = "adamw" if s["optimizer"].endswith("8bit") else "adamw_8bit"
+    opt_alt = _optimizer_bytes(sizes, opt_alt_name)
+    per_layer = saved_per_token(arch, lora, s["rank"], cb, lb, s["seq_len"], s["attention"])
+    shared = 2 * cb * arch.head_dim + 4 * arch.hidden + 8  # cos/sin, final norm's fp32 input
+    full = T * (L * per_layer + shared)
+    ckpt = T * (L * cb * arch.hidden + shared)
+    acts, acts_alt = (ckpt, full) if s["grad_checkpointing"] else (full, ckpt)
+    loss = loss_bytes(arch, T, cb, s["chunked_loss"], s["loss_chunk"], s["supervised_fraction"])
+    loss_alt = loss_bytes(arch, T, cb, not s["chunked_loss"], s["loss_chunk"], s["supervised_fraction"])
+    dequant = max(a * b for a, b in lin.values()) * cb
+    transient = T * layer_backward_transient(arch, cb, lb) + dequant
+    gather = 2 * (w4 + unq) / L if n_dev > 1 else 0.0  # FSDP: the gathered layer and the prefetched next
+    ddp_bucket = grads if s["strategy"] == "ddp" and s["devices"] > 1 else 0.0
+    # The moments (besides static memory). Layer l's backward holds (l+1)/L of the stored activations and
+    # (L-l)/L of the gradients; the extremes l = L-1 and l = 0 bound it.
+    recompute = T * per_layer if s["grad_checkpointing"] else 0.0
+    g = grads / n_dev
+    moments = {
+        "loss backward": acts + loss,
+        "layer backward": max(acts + g / L, acts / L + g) + recompute + transient + gather,
+        "optimizer step": g + (max(sizes) * lb * 2 if sizes else 0),
+    }
+    moment = max(moments, key=moments.get)
+    at = {"loss backward": (0, loss, 0), "layer backward": (g, 0, recompute + transient + gather),
+          "optimizer step": (g, 0, moments["optimizer step"] - g)}[moment]
+    acts_at = 0.0 if moment == "optimizer step" else (acts if moment == "loss backward" else moments[moment] - at[0] - at[2])
+    overhead = FRAMEWORK_OVERHEAD["cpu" if s["device"] == "cpu" else "cuda"]
+    rows = [
+        Row(f"4-bit weights ({quant.quant_type}{' + double quant' if quant.double_quant else ''}, "
+            f"{n_quant / 1e9:.2f}B params)" if quant.bits == 4 else f"{quant.bits}-bit weights",
+            w4 / n_dev, w4 / n_dev, f"{'with' if dq.double_quant else 'without'} double quant: {_gib(w4_alt / n_dev)}"),
+        Row("unquantized params (embeddings, head, norms)", unq / n_dev, unq / n_dev,
+            "head tied to embeddings" if arch.tied else "untied head counted"),
+        Row(f"LoRA params (r={s['rank']}, {P / 1e6:.1f}M, fp32)", lora_w / n_dev, lora_w / n_dev, ""),
+        Row("LoRA gradients (fp32)" + (" + DDP's gradient buckets" if ddp_bucket else ""), g + ddp_bucket,
+            at[0] + ddp_bucket, "DDP's buckets are persistent" if ddp_bucket else "allocated during backward"),
+        Row(f"optimizer states ({s['optimizer']})", opt / n_dev, opt / n_dev, f"{opt_alt_name}: {_gib(opt_alt / n_dev)}"),
+        Row(f"activations ({'checkpointed' if s['grad_checkpointing'] else 'no checkpointing'}, {s['attention']})",
+            acts, acts_at, f"{'without' if s['grad_checkpointing'] else 'with'} checkpointing: {_gib(acts_alt)}"),
+        Row(f"loss over the vocabulary ({'chunked' if s['chunked_loss'] else 'unchunked'})", loss, at[1],
+            f"{'unchunked' if s['chunked_loss'] else 'chunked'}: {_gib(loss_alt)}"),
+        Row("transients (layer recompute, backward buffers, dequantized weight)", transient + recompute + gather,
+            at[2], ""),
+        Row(f"framework overhead ({s['device']})", overhead, overhead, "CUDA context + workspaces" if s["device"] != "cpu"
+            else "torch + transformers + bitsandbytes runtime"),
+    ]
+    static = (w4 + unq + lora_w + opt) / n_dev + ddp_bucket
+    spill = opt / n_dev if s["optimizer"].startswith("paged") else 0.0
+    return rows, moment, static + moments[moment] + overhead, spill
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f} GiB"
+
+
+def parse_bytes(text: str | float | int | None) -> float | None:
+    """"24GB", "24GiB", "80 G", "16000MB" -> bytes (GB means GiB: a "24 GB" card has 24 GiB)."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B?)\s*", str(text), re.I)
+    if not m:
+        raise ConfigError(f"device_memory {text!r}: write a size such as 24GB, 80GiB or 16000MB")
+    return float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper())
+
+
+def _settings(**kw) -> dict:
+    s = dict(kw)
+    if s["optimizer"] not in _OPTIMIZERS:
+        raise ConfigError(f"optimizer {s['optimizer']!r}: use one of {', '.join(_OPTIMIZERS)}")
+    if s["compute_dtype"] not in _DTYPE_BYTES:
+        raise ConfigError(f"compute_dtype {s['compute_dtype']!r}: use bf16, fp16 or fp32 (the planner needs a "
+                          "concrete dtype; 'auto' is bf16 on Ampere+ GPUs)")
+    if s["strategy"] not in ("single", "ddp", "fsdp"):
+        raise ConfigError(f"strategy {s['strategy']!r}: use single, ddp or fsdp")
+    if s["attention"] not in ("sdpa", "eager"):
+        raise ConfigError(f"attention {s['attention']!r}: use sdpa or eager")
+    for key in ("seq_len", "batch", "rank", "devices"):
+        if int(s[key]) < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {s[key]!r}")
+    s["quant"].validate()
+    return s
+
+
+def _peak(arch: Architecture, s: dict) -> float:
+    return _plan_rows(arch, s)[2]
+
+
+def _fits(arch: Architecture, s: dict, budget: float) -> bool:
+    rows, _, total, spill = _plan_rows(arch, s)
+    return total - spill <= budget
+
+
+def _largest(arch: Architecture, s: dict, key: str, budget: float, step: int, limit: int) -> int:
+    """The largest multiple of ``step`` (up to ``limit``) for setting ``key`` that fits ``budget``; 0 if none."""
+    if not _fits(arch, {**s, key: step}, budget):
+        return 0
+    lo, hi = 1, max(1, limit // step)
+    while lo < hi:  # memory grows with batch and seq_len, so bisect
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _fits(arch, {**s, key: mid * step}, budget) else (lo, mid - 1)
+    return lo * step
+
+
+def _advice(arch: Architecture, s: dict, budget: float) -> str:
+    """The cheapest single change (then cumulative changes) that makes the plan fit ``budget``."""
+    changes = []
+    if not s["grad_checkpointing"]:
+        changes.append(("turn gradient checkpointing on (+~33% compute)", {"grad_checkpointing": True}))
+    if s["optimizer"] == "adamw" or s["optimizer"] == "paged_adamw_32bit":
+        changes.append(("use the 8-bit AdamW (adamw_8bit)", {"optimizer": "adamw_8bit"}))
+    if not s["optimizer"].startswith("paged"):
+        changes.append(("use paged_adamw_8bit (states spill to host memory)", {"optimizer": "paged_adamw_8bit"}))
+    if not s["chunked_loss"]:
+        changes.append(("use the chunked loss", {"chunked_loss": True}))
+    for r in (8, 4):
+        if s["rank"] > r:
+            changes.append((f"lower the LoRA rank to {r}", {"rank": r}))
+    if s["batch"] > 1:
+        changes.append(("use batch 1 with gradient accumulation", {"batch": 1}))
+    for label, change in changes:  # one change alone, cheapest first
+        if _fits(arch, {**s, **change}, budget):
+            return label
+    merged: dict = {}
+    for label, change in changes:  # then everything at once
+        merged.update(change)
+    merged_s = {**s, **merged}
+    if _fits(arch, merged_s, budget):
+        return "combine: " + "; ".join(label for label, _ in changes)
+    seq = _largest(arch, merged_s, "seq_len", budget, 64, s["seq_len"])
+    if seq:
+        return f"combine all of the above and shorten sequences to {seq} tokens"
+    floor = _peak(arch, {**merged_s, "seq_len": 64})
+    fsdp = "" if s["strategy"] == "fsdp" else "; or shard with --strategy fsdp over several devices"
+    return f"does not fit: even at 64 tokens with every saving it needs {_gib(floor)}{fsdp}"
+
+
+def plan_memory(model_or_config: str | Path | dict, seq_len: int = 2048, batch: int = 1, rank: int = 16,
+                targets: str | list[str] = "all-linear", optimizer: str = "paged_adamw_8bit",
+                grad_checkpointing: bool = True, device_memory: str | float | None = None,
+                quant: QuantConfig | None = None, compute_dtype: str = "bf16", chunked_loss: bool = True,
+                devices: int = 1, strategy: str = "single", device: str = "cuda", attention: str | None = None,
+                loss_chunk: int = 1024, supervised_fraction: float = 1.0) -> MemoryPlan:
+    """Predict the peak memory per device of a QLoRA fine-tune, without loading any weight.
+
+    Args:
+        model_or_config: a config.json dict or path, a checkpoint folder, or a shipped name (``shipped_configs()``).
+        seq_len, batch: tokens per sequence and sequences per optimizer micro-step.
+        rank, targets: LoRA rank and target linears ("all-linear" or names such as ["q_proj", "v_proj"]).
+        optimizer: "adamw" (32-bit), "adamw_8bit", "paged_adamw_8bit" or "paged_adamw_32bit".
+        grad_checkpointing: recompute each decoder layer in backward instead of storing its activations.
+        device_memory: memory per device ("24GB", "80GiB" or bytes); enables the verdict.
+        quant: 4-bit settings (NF4 + double quant by default).
+        compute_dtype: "bf16", "fp16" or "fp32" (activations, unquantized weights, dequantized matmuls).
+        chunked_loss: qlora-kit's loss over supervised positions in chunks, vs HF's full-vocabulary logits.
+        devices, strategy: "single"; "ddp" (each device holds everything, plus a gradient bucket);
+            "fsdp" (weights and LoRA state divided by ``devices``; activations are not).
+        device: "cuda" or "cpu": which framework overhead to add.
+        attention: "sdpa" (default) or "eager" (default for Gemma 2, whose soft-capped scores SDPA can't do).
+        loss_chunk, supervised_fraction: chunk size in tokens and the share of tokens that carry labels.
+    Returns:
+        a MemoryPlan; ``str(plan)`` is the table and verdict.
+    Raises:
+        ConfigError naming the bad setting.
+    """
+    arch = architecture(model_or_config)
+    s = _settings(seq_len=int(seq_len), batch=int(batch), rank=int(rank), targets=targets, optimizer=optimizer,
+                  grad_checkpointing=bool(grad_checkpointing), quant=quant or QuantConfig(),
+                  compute_dtype=compute_dtype, chunked_loss=bool(chunked_loss), devices=int(devices),
+                  strategy=strategy, device=device, attention=attention or ("eager" if arch.attn_softcap else "sdpa"),
+                  loss_chunk=int(loss_chunk), supervised_fraction=float(supervised_fraction))
+    rows, moment, total, spill = _plan_rows(arch, s)
+    budget = parse_bytes(device_memory)
+    fits = max_batch = max_seq = None
+    advice = ""
+    if budget is not None:
+        fits = total <= budget
+        max_batch = _largest(arch, s, "batch", budget, 1, 4096)
+        max_seq = _largest(arch, s, "seq_len", budget, 64, 1 << 20)
+        if fits:
+            advice = f"fits with {_gib(budget - total)} to spare"
+        elif total - spill <= budget:
+            advice = f"fits only by paging {_gib(total - budget)} of optimizer state to host memory (slower steps)"
+        else:
+            advice = _advice(arch, s, budget)
+    P = sum(s["rank"] * (a + b) for n, (a, b) in arch.linears().items() if n in target_names(arch, targets)) * arch.layers
+    public = {k: (dataclasses.asdict(v) if k == "quant" else v) for k, v in s.items()}
+    return MemoryPlan(arch.name, public, rows, moment, total, rows[-1].bytes, spill, budget, fits, max_batch, max_seq,
+                      advice, arch.params, P)
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a text table followed by the verdict."""
+    s = plan.settings
+    head = (f"{plan.model} ({plan.params / 1e9:.2f}B params): seq_len {s['seq_len']}, batch {s['batch']}, "
+            f"rank {s['rank']} ({s['targets']}), {s['optimizer']}, checkpointing "
+            f"{'on' if s['grad_checkpointing'] else 'off'}, {s['compute_dtype']} compute, "
+            f"{s['devices']} device(s) {s['strategy']}")
+    lines = [head, f"{'item':<62}{'size':>11}{'at peak':>11}  note", "-" * 100]
+    for r in plan.rows:
+        lines.append(f"{r.item:<62}{_gib(r.bytes):>11}{_gib(r.at_peak):>11}  {r.alternative}")
+    lines.append("-" * 100)
+    lines.append(f"{'peak per device (at the ' + plan.peak_moment + ')':<62}{'':>11}{_gib(plan.total):>11}")
+    if plan.spillable:
+        lines.append(f"paged optimizer: {_gib(plan.spillable)} of it can move to host memory, "
+                     f"so the hard floor is {_gib(plan.total - plan.spillable)}")
+    if plan.device_memory is not None:
+        verdict = "FITS" if plan.fits else "DOES NOT FIT"
+        lines.append(f"verdict: {verdict} in {_gib(plan.device_memory)}: {plan.advice}")
+        lines.append(f"largest batch at seq_len {s['seq_len']}: {plan.max_batch}; "
+                     f"largest seq_len at batch {s['batch']}: {plan.max_seq_len}")
+    return "\n".join(lines)
