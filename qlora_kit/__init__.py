@@ -3,6 +3,7 @@ from .adapters import load_adapter, save_adapter
 from .config import ConfigError, LoraConfig, QuantConfig
 from .lora import (active_adapters, adapters_disabled, add_lora, parameter_report, set_active_adapters,
                    set_rank)
+from .merge import merge_and_export
 from .memory import plan_memory
 from .model import load_model
 
@@ -10,5 +11,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "LoraConfig", "QuantConfig", "active_adapters", "adapters_disabled", "add_lora",
-    "load_adapter", "load_model", "parameter_report", "plan_memory", "save_adapter", "set_active_adapters", "set_rank",
+    "load_adapter", "load_model", "merge_and_export", "parameter_report", "plan_memory", "save_adapter", "set_active_adapters", "set_rank",
 ]

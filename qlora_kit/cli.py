@@ -14,6 +14,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_and_export
+    from .verify import VerificationError, format_summary
+
+    try:
+        report = merge_and_export(args.base, args.adapter, args.out, merge_base=args.merge_base, dtype=args.dtype,
+                                  requantize=args.requantize, overwrite=args.overwrite, verify=not args.no_verify,
+                                  eval_file=args.eval_file, shard_size=args.shard_size, rank=args.rank)
+    except VerificationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(report))
+    print(f"report: {args.out}/merge_report.json")
+    return 3 if (report.get("requantized") or {}).get("adapter_lost") else 0
+
+
+def _cmd_adapter_resize(args: argparse.Namespace) -> int:
+    from .resize import adapter_resize, format_resize_summary
+
+    report = adapter_resize(args.adapter, args.out, args.rank, overwrite=args.overwrite)
+    print(format_resize_summary(report))
+    print(f"report: {args.out}/resize_report.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-kit", description="Quantized low-memory LoRA fine-tuning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -39,6 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="which framework overhead to add")
     pl.add_argument("--unchunked-loss", action="store_true", help="plan for full-vocabulary logits (HF loss)")
     pl.set_defaults(func=_cmd_plan)
+
+    mg = sub.add_parser("merge", help="merge an adapter into its base and export a plain safetensors model")
+    mg.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")
+    mg.add_argument("--adapter", required=True, help="the adapter folder (PEFT format)")
+    mg.add_argument("--out", required=True, help="output folder (written atomically)")
+    mg.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
+                    help="add the adapter to dequant(quant(W)) as trained (default) or to the original W")
+    mg.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the checkpoint's)")
+    mg.add_argument("--requantize", choices=["nf4", "fp4"],
+                    help="save a 4-bit model; the report says how much of the adapter survives (exit 3 if lost)")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    mg.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the merged model")
+    mg.add_argument("--eval-file", help="JSONL records: report eval loss of 4-bit + adapter and of both merges")
+    mg.add_argument("--rank", type=int, help="merge only the first RANK components (dynamic-rank adapters)")
+    mg.add_argument("--shard-size", default="2GB", help="largest output shard (default 2GB)")
+    mg.set_defaults(func=_cmd_merge)
+
+    rs = sub.add_parser("adapter-resize", help="shrink an adapter's rank by truncated SVD of each update")
+    rs.add_argument("--adapter", required=True, help="the adapter folder to shrink")
+    rs.add_argument("--out", required=True, help="folder for the smaller adapter")
+    rs.add_argument("--rank", type=int, required=True, help="the new rank (at most the adapter's)")
+    rs.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    rs.set_defaults(func=_cmd_adapter_resize)
     return parser
 
 
