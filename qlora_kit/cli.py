@@ -14,6 +14,48 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_train_config
+    from .train import train
+
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)  # only overrides, no YAML file
+        args.config = None
+    config = load_train_config(args.config, args.overrides)
+    result = train(config, resume=args.resume)
+    if result.status == "interrupted":
+        print(f"interrupted: checkpoint saved at step {result.steps}. Resume with:\n  qlora-kit train "
+              f"{args.config or ''} {' '.join(args.overrides)} --resume".replace("  ", " "))
+    else:
+        print(f"{result.status}: adapter in {result.adapter_dir}; try it with:\n  qlora-kit generate "
+              f"--model {config.model.path} --adapter {result.adapter_dir} \"your prompt\"")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .adapters import load_adapter
+    from .generate import generate
+    from .model import load_model
+    from .train import resolve_model_path
+
+    model, tokenizer = load_model(resolve_model_path(args.model), compute_dtype=args.compute_dtype)
+    for i, adapter in enumerate(args.adapter or []):
+        load_adapter(model, adapter, name=f"adapter{i}" if i else "default")
+    if args.prompt:
+        for answer in generate(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature):
+            print(answer)
+        return 0
+    print("chat mode: type a prompt, an empty line or Ctrl-D quits")
+    while True:
+        try:
+            prompt = input("> ").strip()
+        except EOFError:
+            return 0
+        if not prompt:
+            return 0
+        print(generate(model, tokenizer, [prompt], args.max_new_tokens, temperature=args.temperature)[0])
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_and_export
     from .verify import VerificationError, format_summary
@@ -46,24 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="load SmolLM2-135M-Instruct in 4-bit, report it, and generate")
     demo.add_argument("--prepare", action="store_true", help="only fetch and convert the demo model, then exit")
+    demo.add_argument("--output", help="run folder (default: runs/demo-<timestamp>)")
+    demo.add_argument("--epochs", type=float, default=1.0, help="training epochs over the 600 demo examples")
     demo.set_defaults(func=_cmd_demo)
 
-    pl = sub.add_parser("plan", help="predict peak memory of a QLoRA fine-tune from a config.json, without loading it")
-    pl.add_argument("--model", required=True, help="checkpoint folder, config.json, or a shipped name (e.g. llama-3.1-70b)")
-    pl.add_argument("--seq-len", type=int, default=2048)
-    pl.add_argument("--batch", type=int, default=1)
-    pl.add_argument("--rank", type=int, default=16)
-    pl.add_argument("--targets", default="all-linear", help="all-linear or comma-separated names (q_proj,v_proj)")
-    pl.add_argument("--optimizer", default="paged_adamw_8bit",
-                    choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
-    pl.add_argument("--grad-checkpointing", choices=["on", "off"], default="on")
-    pl.add_argument("--device-memory", help="memory per device, e.g. 24GB (GB means GiB, as on GPU spec sheets)")
-    pl.add_argument("--compute-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    pl.add_argument("--devices", type=int, default=1)
-    pl.add_argument("--strategy", choices=["single", "ddp", "fsdp"], default="single")
-    pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="which framework overhead to add")
-    pl.add_argument("--unchunked-loss", action="store_true", help="plan for full-vocabulary logits (HF loss)")
-    pl.set_defaults(func=_cmd_plan)
+    tr = sub.add_parser("train", help="fine-tune with LoRA from a YAML config")
+    tr.add_argument("config", nargs="?", help="YAML config with model, quant, lora, data and training sections")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=8 training.lr=1e-4")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    tr.set_defaults(func=_cmd_train)
+
+    gen = sub.add_parser("generate", help="generate with the 4-bit model and zero or more adapters")
+    gen.add_argument("prompt", nargs="*", help="prompts; none starts an interactive chat")
+    gen.add_argument("--model", default="demo", help="model folder, or 'demo' (default)")
+    gen.add_argument("--adapter", action="append", help="adapter folder (repeat to stack several)")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--compute-dtype", default="auto")
+    gen.set_defaults(func=_cmd_generate)
 
     mg = sub.add_parser("merge", help="merge an adapter into its base and export a plain safetensors model")
     mg.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")
@@ -87,6 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--rank", type=int, required=True, help="the new rank (at most the adapter's)")
     rs.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     rs.set_defaults(func=_cmd_adapter_resize)
+
+    pl = sub.add_parser("plan", help="predict peak memory of a QLoRA fine-tune from a config.json, without loading it")
+    pl.add_argument("--model", required=True, help="checkpoint folder, config.json, or a shipped name (e.g. llama-3.1-70b)")
+    pl.add_argument("--seq-len", type=int, default=2048)
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--rank", type=int, default=16)
+    pl.add_argument("--targets", default="all-linear", help="all-linear or comma-separated names (q_proj,v_proj)")
+    pl.add_argument("--optimizer", default="paged_adamw_8bit",
+                    choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+    pl.add_argument("--grad-checkpointing", choices=["on", "off"], default="on")
+    pl.add_argument("--device-memory", help="memory per device, e.g. 24GB (GB means GiB, as on GPU spec sheets)")
+    pl.add_argument("--compute-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    pl.add_argument("--devices", type=int, default=1)
+    pl.add_argument("--strategy", choices=["single", "ddp", "fsdp"], default="single")
+    pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="which framework overhead to add")
+    pl.add_argument("--unchunked-loss", action="store_true", help="plan for full-vocabulary logits (HF loss)")
+    pl.set_defaults(func=_cmd_plan)
     return parser
 
 
@@ -102,8 +161,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0 if plan.fits is not False else 1
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qlora-kit`` console script."""
     args = build_parser().parse_args(argv)
@@ -112,9 +169,21 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileExistsError) as e:
+    except Exception as e:  # user-facing errors get one clear line; anything else is a bug: show the traceback
+        if not _is_user_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _is_user_error(e: Exception) -> bool:
+    """Errors that describe bad input or a failed write, whose message already says what to do."""
+    from .adapters import AdapterMismatchError
+    from .atomic import WriteError
+    from .data import DataError
+    from .train import TrainingError
+
+    return isinstance(e, (ConfigError, DataError, AdapterMismatchError, TrainingError, WriteError, FileExistsError))
 
 
 if __name__ == "__main__":
