@@ -9,9 +9,10 @@ bytes instead of the allocator's high-water mark.
 
 On CPU the runtime also keeps memory that is not tensors and grows with the first steps: oneDNN's JIT
 kernels and primitive cache for each new matmul shape (about 10-20 MB here). After the steps the child
-knows every live tensor exactly (model, LoRA parameters, gradients, optimizer states); what RssAnon holds
-beyond them is that runtime growth, and ``peak_tensors = peak_anon - runtime_growth`` is the tensor peak
-the planner predicts (its framework-overhead row covers the runtime).
+knows every live tensor exactly (model, LoRA parameters, gradients, optimizer states), so
+``peak_tensors = persistent tensors + (peak RssAnon - RssAnon after the steps)`` is the tensor peak the
+planner predicts (its framework-overhead row covers the runtime). The same difference also cancels 16-bit
+weights that transformers leaves as views of the mmapped checkpoint (file pages, not RssAnon).
 
 Run ``python -m qlora_kit.measure --model DIR ...`` to print one measurement as JSON.
 """
@@ -58,8 +59,9 @@ class Measurement:
     model_bytes: int  # bytes of the loaded 4-bit model (qlora_kit.model.model_bytes)
     peak_anon: int  # bytes: peak RssAnon over the training steps minus the baseline
     persistent_tensors: int  # bytes: tensors alive after the steps (model, LoRA params, grads, optimizer states)
-    runtime_growth: int  # bytes: RssAnon after the steps minus persistent_tensors (oneDNN kernel caches etc.)
-    peak_tensors: int  # bytes: peak_anon - runtime_growth: tensor memory at the peak (the figure to compare)
+    runtime_growth: int  # bytes: RssAnon after the steps minus persistent_tensors (oneDNN kernel caches etc.;
+    # negative when transformers left 16-bit weights as views of the mmapped checkpoint)
+    peak_tensors: int  # bytes: persistent_tensors + (peak RssAnon - RssAnon after the steps): the figure to compare
     phases: list[PhaseStats] = field(default_factory=list)  # per-phase stats
 
     def to_json(self) -> str:
@@ -231,7 +233,7 @@ def _child(args: argparse.Namespace) -> Measurement:
     train = rec.phase("train")
     persistent = weights + _tensor_bytes(params) + _tensor_bytes(p.grad for p in params if p.grad is not None) + \
         _tensor_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
-    growth = max(0, train.end_anon - persistent)
+    growth = train.end_anon - persistent  # negative when weights stay in mmapped file pages
     return Measurement(args.model, args.seq_len, args.batch, args.rank, args.grad_checkpointing, args.optimizer,
                        args.compute_dtype, args.loss, args.steps, baseline, weights, train.peak_anon, persistent,
                        growth, train.peak_anon - growth, rec.phases)

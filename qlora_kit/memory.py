@@ -255,74 +255,118 @@ def _optimizer_bytes(sizes: list[int], optimizer: str) -> float:
     return 8.0 * sum(sizes)
 
 
-def _plan_rows(arch: Architecture, s: dict) -> tuple[list[Row], str, float, float]:
-    """The table rows, the peak moment, the tensor peak and the spillable optimizer bytes."""
-    cb, lb = _DTYPE_BYTES[s["compute_dtype"]], 4
-    quant: QuantConfig = s["quant"]
-    n_dev = s["devices"] if s["strategy"] == "fsdp" else 1
+@dataclass
+class _Parts:
+    """Every byte count of one plan (per device), before it is arranged into rows."""
+
+    w4: float  # quantized weights
+    w4_alt: float  # quantized weights with the other double-quant setting
+    unq: float  # unquantized parameters
+    lora_params: int  # LoRA parameter count (all devices)
+    lora: float  # LoRA weights
+    grads: float  # LoRA gradients
+    opt: float  # optimizer states
+    opt_alt: float  # optimizer states of the 32-bit/8-bit alternative
+    ddp_bucket: float  # DDP's persistent gradient buckets
+    acts: float  # stored activations under the chosen checkpointing
+    acts_alt: float  # stored activations under the other checkpointing setting
+    loss: float  # loss peak under the chosen loss
+    loss_alt: float  # loss peak under the other loss
+    recompute: float  # one layer's saved tensors, recomputed in backward (checkpointing only)
+    transient: float  # backward buffers + the dequantized weight + FSDP's gathered layers
+    step: float  # the optimizer step's temporary buffers
+    layers: int  # decoder layers
+
+
+def _weight_parts(arch: Architecture, s: dict, lora_names: list[str], n_dev: int) -> dict:
+    cb, quant = _DTYPE_BYTES[s["compute_dtype"]], s["quant"]
     lin = arch.linears()
-    lora = target_names(arch, s["targets"])
-    T = s["batch"] * s["seq_len"]
-    L = arch.layers
-    n_quant = L * sum(a * b for a, b in lin.values())
     dq = dataclasses.replace(quant, double_quant=not quant.double_quant)
-    w4 = L * sum(quantized_bytes(a * b, quant, cb) + (4 * b if quant.bits == 8 else 0) for a, b in lin.values())
-    w4_alt = L * sum(quantized_bytes(a * b, dq, cb) for a, b in lin.values())
-    bias = L * (arch.heads + 2 * arch.kv_heads) * arch.head_dim if arch.qkv_bias else 0
-    unq = cb * (arch.vocab * arch.hidden * (1 if arch.tied else 2) + (arch.norms_per_layer * L + 1) * arch.hidden + bias)
-    sizes = [s["rank"] * x for _ in range(L) for name in lora for x in lin[name]]
+    w4 = arch.layers * sum(quantized_bytes(a * b, quant, cb) + (4 * b if quant.bits == 8 else 0) for a, b in lin.values())
+    w4_alt = arch.layers * sum(quantized_bytes(a * b, dq, cb) for a, b in lin.values())
+    bias = arch.layers * (arch.heads + 2 * arch.kv_heads) * arch.head_dim if arch.qkv_bias else 0
+    unq = cb * (arch.vocab * arch.hidden * (1 if arch.tied else 2) + (arch.norms_per_layer * arch.layers + 1)
+                * arch.hidden + bias)
+    sizes = [s["rank"] * x for _ in range(arch.layers) for name in lora_names for x in lin[name]]
     P = sum(sizes)
-    lora_w, grads = lb * P, lb * P
-    opt = _optimizer_bytes(sizes, s["optimizer"])
-    opt_alt_name = "adamw" if s["optimizer"].endswith("8bit") else "adamw_8bit"
-    opt_alt = _optimizer_bytes(sizes, opt_alt_name)
-    per_layer = saved_per_token(arch, lora, s["rank"], cb, lb, s["seq_len"], s["attention"])
+    opt_alt = "adamw" if s["optimizer"].endswith("8bit") else "adamw_8bit"
+    return dict(w4=w4 / n_dev, w4_alt=w4_alt / n_dev, unq=unq / n_dev, lora_params=P, lora=4 * P / n_dev,
+                grads=4 * P / n_dev, opt=_optimizer_bytes(sizes, s["optimizer"]) / n_dev,
+                opt_alt=_optimizer_bytes(sizes, opt_alt) / n_dev,
+                ddp_bucket=4.0 * P if s["strategy"] == "ddp" and s["devices"] > 1 else 0.0,
+                step=2 * 4 * max(sizes, default=0))
+
+
+def _activation_parts(arch: Architecture, s: dict, lora_names: list[str], fsdp_gather: float) -> dict:
+    cb, lb = _DTYPE_BYTES[s["compute_dtype"]], 4
+    T = s["batch"] * s["seq_len"]
+    per_layer = saved_per_token(arch, lora_names, s["rank"], cb, lb, s["seq_len"], s["attention"])
     shared = 2 * cb * arch.head_dim + 4 * arch.hidden + 8  # cos/sin, final norm's fp32 input
-    full = T * (L * per_layer + shared)
-    ckpt = T * (L * cb * arch.hidden + shared)
-    acts, acts_alt = (ckpt, full) if s["grad_checkpointing"] else (full, ckpt)
-    loss = loss_bytes(arch, T, cb, s["chunked_loss"], s["loss_chunk"], s["supervised_fraction"])
-    loss_alt = loss_bytes(arch, T, cb, not s["chunked_loss"], s["loss_chunk"], s["supervised_fraction"])
-    dequant = max(a * b for a, b in lin.values()) * cb
-    transient = T * layer_backward_transient(arch, cb, lb) + dequant
-    gather = 2 * (w4 + unq) / L if n_dev > 1 else 0.0  # FSDP: the gathered layer and the prefetched next
-    ddp_bucket = grads if s["strategy"] == "ddp" and s["devices"] > 1 else 0.0
-    # The moments (besides static memory). Layer l's backward holds (l+1)/L of the stored activations and
-    # (L-l)/L of the gradients; the extremes l = L-1 and l = 0 bound it.
-    recompute = T * per_layer if s["grad_checkpointing"] else 0.0
-    g = grads / n_dev
-    moments = {
-        "loss backward": acts + loss,
-        "layer backward": max(acts + g / L, acts / L + g) + recompute + transient + gather,
-        "optimizer step": g + (max(sizes) * lb * 2 if sizes else 0),
-    }
-    moment = max(moments, key=moments.get)
-    at = {"loss backward": (0, loss, 0), "layer backward": (g, 0, recompute + transient + gather),
-          "optimizer step": (g, 0, moments["optimizer step"] - g)}[moment]
-    acts_at = 0.0 if moment == "optimizer step" else (acts if moment == "loss backward" else moments[moment] - at[0] - at[2])
-    overhead = FRAMEWORK_OVERHEAD["cpu" if s["device"] == "cpu" else "cuda"]
-    rows = [
-        Row(f"4-bit weights ({quant.quant_type}{' + double quant' if quant.double_quant else ''}, "
-            f"{n_quant / 1e9:.2f}B params)" if quant.bits == 4 else f"{quant.bits}-bit weights",
-            w4 / n_dev, w4 / n_dev, f"{'with' if dq.double_quant else 'without'} double quant: {_gib(w4_alt / n_dev)}"),
-        Row("unquantized params (embeddings, head, norms)", unq / n_dev, unq / n_dev,
-            "head tied to embeddings" if arch.tied else "untied head counted"),
-        Row(f"LoRA params (r={s['rank']}, {P / 1e6:.1f}M, fp32)", lora_w / n_dev, lora_w / n_dev, ""),
-        Row("LoRA gradients (fp32)" + (" + DDP's gradient buckets" if ddp_bucket else ""), g + ddp_bucket,
-            at[0] + ddp_bucket, "DDP's buckets are persistent" if ddp_bucket else "allocated during backward"),
-        Row(f"optimizer states ({s['optimizer']})", opt / n_dev, opt / n_dev, f"{opt_alt_name}: {_gib(opt_alt / n_dev)}"),
-        Row(f"activations ({'checkpointed' if s['grad_checkpointing'] else 'no checkpointing'}, {s['attention']})",
-            acts, acts_at, f"{'without' if s['grad_checkpointing'] else 'with'} checkpointing: {_gib(acts_alt)}"),
-        Row(f"loss over the vocabulary ({'chunked' if s['chunked_loss'] else 'unchunked'})", loss, at[1],
-            f"{'unchunked' if s['chunked_loss'] else 'chunked'}: {_gib(loss_alt)}"),
-        Row("transients (layer recompute, backward buffers, dequantized weight)", transient + recompute + gather,
-            at[2], ""),
-        Row(f"framework overhead ({s['device']})", overhead, overhead, "CUDA context + workspaces" if s["device"] != "cpu"
-            else "torch + transformers + bitsandbytes runtime"),
+    full = T * (arch.layers * per_layer + shared)
+    ckpt = T * (arch.layers * cb * arch.hidden + shared)
+    on = s["grad_checkpointing"]
+    loss_args = (arch, T, cb), (s["loss_chunk"], s["supervised_fraction"])
+    dequant = max(a * b for a, b in arch.linears().values()) * cb
+    return dict(acts=ckpt if on else full, acts_alt=full if on else ckpt,
+                loss=loss_bytes(*loss_args[0], s["chunked_loss"], *loss_args[1]),
+                loss_alt=loss_bytes(*loss_args[0], not s["chunked_loss"], *loss_args[1]),
+                recompute=T * per_layer if on else 0.0,
+                transient=T * layer_backward_transient(arch, cb, lb) + dequant + fsdp_gather)
+
+
+def _parts(arch: Architecture, s: dict) -> _Parts:
+    lora_names = target_names(arch, s["targets"])
+    n_dev = s["devices"] if s["strategy"] == "fsdp" else 1
+    w = _weight_parts(arch, s, lora_names, n_dev)
+    gather = 2 * (w["w4"] + w["unq"]) / arch.layers if n_dev > 1 else 0.0  # FSDP: this layer and the next
+    return _Parts(**w, **_activation_parts(arch, s, lora_names, gather), layers=arch.layers)
+
+
+def _moments(p: _Parts) -> dict[str, tuple[float, float, float, float]]:
+    """Per moment: (activations, gradients, loss, transients) alive besides static memory.
+
+    Layer l's backward holds (l+1)/L of the stored activations and (L-l)/L of the gradients; the extremes
+    l = L-1 and l = 0 bound it.
+    """
+    at_top, at_bottom = (p.acts, p.grads / p.layers), (p.acts / p.layers, p.grads)
+    acts, grads = max(at_top, at_bottom, key=sum)
+    return {"loss backward": (p.acts, 0.0, p.loss, 0.0),
+            "layer backward": (acts, grads, 0.0, p.recompute + p.transient),
+            "optimizer step": (0.0, p.grads, 0.0, p.step)}
+
+
+def _rows(p: _Parts, s: dict, at: tuple[float, float, float, float], overhead: float) -> list[Row]:
+    quant, ckpt, chunked = s["quant"], s["grad_checkpointing"], s["chunked_loss"]
+    opt_alt = "adamw" if s["optimizer"].endswith("8bit") else "adamw_8bit"
+    weights = (f"4-bit weights ({quant.quant_type}{' + double quant' if quant.double_quant else ''})"
+               if quant.bits == 4 else f"{quant.bits}-bit weights")
+    return [
+        Row(weights, p.w4, p.w4, f"{'without' if quant.double_quant else 'with'} double quant: {_gib(p.w4_alt)}"),
+        Row("unquantized params (embeddings, head, norms)", p.unq, p.unq, ""),
+        Row(f"LoRA params (r={s['rank']}, {p.lora_params / 1e6:.1f}M, fp32)", p.lora, p.lora, ""),
+        Row("LoRA gradients (fp32)" + (" + DDP buckets" if p.ddp_bucket else ""), p.grads + p.ddp_bucket,
+            at[1] + p.ddp_bucket, "allocated during backward"),
+        Row(f"optimizer states ({s['optimizer']})", p.opt, p.opt, f"{opt_alt}: {_gib(p.opt_alt)}"),
+        Row(f"activations ({'checkpointed' if ckpt else 'no checkpointing'}, {s['attention']})", p.acts, at[0],
+            f"{'without' if ckpt else 'with'} checkpointing: {_gib(p.acts_alt)}"),
+        Row(f"loss over the vocabulary ({'chunked' if chunked else 'unchunked'})", p.loss, at[2],
+            f"{'unchunked' if chunked else 'chunked'}: {_gib(p.loss_alt)}"),
+        Row("transients (recompute, backward buffers, dequant)", p.recompute + p.transient,
+            at[3], ""),
+        Row(f"framework overhead ({s['device']})", overhead, overhead,
+            "torch + transformers + bitsandbytes runtime" if s["device"] == "cpu" else "CUDA context + workspaces"),
     ]
-    static = (w4 + unq + lora_w + opt) / n_dev + ddp_bucket
-    spill = opt / n_dev if s["optimizer"].startswith("paged") else 0.0
-    return rows, moment, static + moments[moment] + overhead, spill
+
+
+def _plan_rows(arch: Architecture, s: dict) -> tuple[list[Row], str, float, float]:
+    """The table rows, the peak moment, the predicted peak and the spillable optimizer bytes."""
+    p = _parts(arch, s)
+    moments = _moments(p)
+    moment = max(moments, key=lambda m: sum(moments[m]))
+    overhead = FRAMEWORK_OVERHEAD["cpu" if s["device"] == "cpu" else "cuda"]
+    static = p.w4 + p.unq + p.lora + p.opt + p.ddp_bucket + overhead
+    spill = p.opt if s["optimizer"].startswith("paged") else 0.0
+    return _rows(p, s, moments[moment], overhead), moment, static + sum(moments[moment]), spill
 
 
 def _gib(x: float) -> str:
@@ -458,10 +502,9 @@ def plan_memory(model_or_config: str | Path | dict, seq_len: int = 2048, batch: 
             advice = f"fits only by paging {_gib(total - budget)} of optimizer state to host memory (slower steps)"
         else:
             advice = _advice(arch, s, budget)
-    P = sum(s["rank"] * (a + b) for n, (a, b) in arch.linears().items() if n in target_names(arch, targets)) * arch.layers
     public = {k: (dataclasses.asdict(v) if k == "quant" else v) for k, v in s.items()}
     return MemoryPlan(arch.name, public, rows, moment, total, rows[-1].bytes, spill, budget, fits, max_batch, max_seq,
-                      advice, arch.params, P)
+                      advice, arch.params, _parts(arch, s).lora_params)
 
 
 def format_plan(plan: MemoryPlan) -> str:

@@ -139,17 +139,28 @@ def main(argv=None) -> int:
         sys.exit("error: the planner says training does not fit this machine's RAM; use fewer --layers")
     rec = PhaseRecorder(read_status()[0])
     ckpt, adapter, merged = out / "checkpoint", out / "adapter", out / "merged"
+    predicted = {"load 4-bit": plan.rows[0].bytes + plan.rows[1].bytes, "train": plan.total - plan.overhead}
+    result = {"config": dict(vars(args)), "bf16_bytes": bf16, "ram_bytes": ram, "baseline_anon": rec.baseline}
+
+    def phase(name, fn, *a, **kw):  # run, record, and save the results so far (a killed run keeps them)
+        value = rec.run(name, fn, *a, **kw)
+        result["phases"] = [{**vars(p), "planned": predicted.get(p.name)} for p in rec.phases]
+        atomic_write_json(out / "results.json", result)
+        print(f"  {name}: {rec.phases[-1].seconds:.0f} s, peak RssAnon {rec.phases[-1].peak_anon / 1e9:.2f} GB",
+              flush=True)
+        return value
+
     try:
-        rec.run("write checkpoint", write_checkpoint, cfg, ckpt, args.shard_gb * 1e9)
-        model, _ = rec.run("load 4-bit", load_model, ckpt, compute_dtype=args.compute_dtype,
-                           gradient_checkpointing=True, device="cpu")
-        rec.run("add LoRA", add_lora, model, LoraConfig(r=16, alpha=32))
+        phase("write checkpoint", write_checkpoint, cfg, ckpt, args.shard_gb * 1e9)
+        model, _ = phase("load 4-bit", load_model, ckpt, compute_dtype=args.compute_dtype,
+                         gradient_checkpointing=True, device="cpu")
+        result["model_bytes_4bit"] = model_bytes(model)
+        phase("add LoRA", add_lora, model, LoraConfig(r=16, alpha=32))
         model.train()
         opt = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad])
         ids = torch.randint(3, 384, (1, args.seq_len))
-        losses = rec.run("train", train_steps, model, opt, ids, args.steps, "chunked")
-        rec.run("save adapter", save_adapter, model, adapter, base_model_name_or_path=str(ckpt))
-        weights = model_bytes(model)
+        result["losses"] = phase("train", train_steps, model, opt, ids, args.steps, "chunked")
+        phase("save adapter", save_adapter, model, adapter, base_model_name_or_path=str(ckpt))
         del model, opt
         if not args.no_merge:
             try:
@@ -157,15 +168,9 @@ def main(argv=None) -> int:
             except ImportError:
                 print("qlora_kit.merge.merge_and_export is not available: merge skipped")
             else:
-                rec.run("merge + export", merge_and_export, ckpt, adapter, merged, overwrite=True, verify=False,
-                        progress=False)
+                phase("merge + export", merge_and_export, ckpt, adapter, merged, overwrite=True, verify=False,
+                      progress=False)
         rec.sampler.stop()
-        predicted = {"load 4-bit": plan.rows[0].bytes + plan.rows[1].bytes,
-                     "train": plan.total - plan.overhead}
-        result = {"config": {k: v for k, v in vars(args).items()}, "bf16_bytes": bf16, "ram_bytes": ram,
-                  "model_bytes_4bit": weights, "losses": losses, "baseline_anon": rec.baseline,
-                  "phases": [{**vars(p), "planned": predicted.get(p.name)} for p in rec.phases]}
-        atomic_write_json(out / "results.json", result)
         print_table(result)
     finally:
         if not args.keep:
