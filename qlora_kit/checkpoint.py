@@ -8,6 +8,7 @@ A checkpoint folder ``checkpoints/step-000120/`` holds the adapter (PEFT format)
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -64,8 +65,10 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
         (tmp / "optimizer.safetensors").write_bytes(safetensors_bytes(tensors))
         (tmp / "optimizer.json").write_text(json.dumps(structure))
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2) + "\n")
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep]:  # renamed first: a kill mid-delete leaves no step-* remnant
+        trash = old.with_name(f".{old.name}.deleting")
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
     return target
 
 

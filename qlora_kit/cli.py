@@ -32,6 +32,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .config import load_train_config
+    from .validate import validate_run
+
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)  # only overrides, no YAML file
+        args.config = None
+    report = validate_run(load_train_config(args.config, args.overrides))
+    print(report.summary())
+    print("ok: config, model folder and data are valid (no weights were loaded)")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .adapters import load_adapter
     from .generate import generate
@@ -97,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=8 training.lr=1e-4")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     tr.set_defaults(func=_cmd_train)
+
+    va = sub.add_parser("validate", help="check config, model folder and every data record; print a data summary")
+    va.add_argument("config", nargs="?", help="YAML config, as for train")
+    va.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.max_seq_len=1024")
+    va.set_defaults(func=_cmd_validate)
 
     gen = sub.add_parser("generate", help="generate with the 4-bit model and zero or more adapters")
     gen.add_argument("prompt", nargs="*", help="prompts; none starts an interactive chat")

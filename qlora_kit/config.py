@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,8 +64,8 @@ class LoraConfig:
             raise ConfigError(f"{where}.r: rank must be a positive integer, got {self.r!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout!r}")
-        if float(self.alpha) <= 0:
-            raise ConfigError(f"{where}.alpha: must be positive, got {self.alpha!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ConfigError(f"{where}.alpha: must be a finite positive number, got {self.alpha!r}")
         if self.init not in ("kaiming", "gaussian"):
             raise ConfigError(f"{where}.init: {self.init!r} is unknown; use 'kaiming' or 'gaussian'")
         if self.dynamic_rank and not 1 <= self.r_min <= self.r:
@@ -133,8 +135,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
             return float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        except (ValueError, OverflowError):
+            raise ConfigError(f"{where}: expected a number, got {value!r:.60}") from None
     if hint is str:
         if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
             return "on" if value else "off"
@@ -170,7 +172,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. lora.r=8")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
+                          "quote it, e.g. key='value'") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -193,6 +199,8 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -281,8 +289,11 @@ class TrainingConfig:
         for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every", "loss_chunk_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "epochs", "weight_decay", "warmup_ratio", "max_grad_norm"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{where}.{name}: must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ConfigError(f"{where}.lr: must be positive, got {self.lr}")
+            raise ConfigError(f"{where}.lr: must be a finite positive number, got {self.lr}")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError(f"{where}: set epochs > 0 or max_steps > 0")
 
@@ -309,8 +320,34 @@ class TrainConfig:
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config (optional), apply ``key=value`` overrides, and validate it."""
     data = load_yaml(path) if path else {}
-    apply_overrides(data, overrides or [])
     try:
+        apply_overrides(data, overrides or [])
         return from_dict(TrainConfig, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        overridden = {o.split("=", 1)[0].strip() for o in overrides or []}
+        line = _key_line(Path(path), str(e), overridden) if path else None
+        raise ConfigError(f"{path}{f' line {line}' if line else ''}: {e}" if path else str(e)) from None
+
+
+_ERROR_KEY = re.compile(r"^(?:unknown config key ')?([A-Za-z_]\w*(?:\.\w+)*)")
+
+
+def _key_line(path: Path, message: str, overridden: set[str]) -> int | None:
+    """The 1-based line of the YAML key an error message starts with (``lora.r: ...``), if the file has it
+    and no ``key=value`` override replaced it."""
+    match = _ERROR_KEY.match(message)
+    if match and match.group(1) in overridden:
+        return None
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return None
+    line = None
+    for part in match.group(1).split(".") if match else []:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        hit = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None)
+        if hit is None:
+            break
+        line, node = hit[0].start_mark.line + 1, hit[1]
+    return line

@@ -102,7 +102,11 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
     if suffix not in readers:
         raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .parquet")
-    return readers[suffix](path)
+    try:
+        return readers[suffix](path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                        "save the file as UTF-8") from None
 
 
 def _object(value: Any, where: str) -> dict:
@@ -113,11 +117,16 @@ def _object(value: Any, where: str) -> dict:
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path} line {lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (column {e.start + 1} holds byte "
+                                f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path} line {lineno}"
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
@@ -195,6 +204,16 @@ def _string_field(record: dict, name: str, fmt: str, where: str, required: bool 
     if not isinstance(value, str):
         raise DataError(f'{where}: field "{name}" must be a string, got {type(value).__name__} {value!r:.40} '
                         "(quote the value)")
+    return _utf8(value, name, where)
+
+
+def _utf8(value: str, name: str, where: str) -> str:
+    """``value``, if it is encodable text (JSON can smuggle in lone UTF-16 surrogates like \\ud800)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f'{where}: field "{name}" holds an unpaired surrogate {value[e.start]!r} at character '
+                        f"{e.start} (a broken \\u escape); fix the text's encoding") from None
     return value
 
 
@@ -212,7 +231,7 @@ def _messages(record: dict, where: str) -> list[dict]:
             if not isinstance(m.get(key), str):
                 got = "missing" if m.get(key) is None else f"a {type(m[key]).__name__}"
                 raise DataError(f'{where}: field "messages[{i}].{key}" must be a string, got {got}')
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({key: _utf8(m[key], f"messages[{i}].{key}", where) for key in ("role", "content")})
     return out
 
 

@@ -8,6 +8,15 @@ from pathlib import Path
 from .atomic import atomic_write_bytes
 
 
+def _parse_line(line: str) -> dict | None:
+    """One metrics record, or None for a blank line or one torn by a kill in the middle of its write."""
+    try:
+        record = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class MetricsLog:
     """Append-only JSON-lines log that survives resume: lines past the resumed step are dropped."""
 
@@ -15,7 +24,7 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
         self.records: list[dict] = []
         if enabled and path.is_file():
-            kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            kept = [r for line in path.read_text().splitlines() if (r := _parse_line(line)) is not None]
             self.records = [r for r in kept if r.get("step", 0) <= resume_step] if resume_step else []
             atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
 

@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from .adapters import assign_adapter, read_adapter, save_adapter
 from .checkpoint import latest_checkpoint, load_optimizer_state, load_trainer_state, save_checkpoint
 from .config import ConfigError, TrainConfig, to_dict
-from .data import Example, collate, make_batches, prepare_data
+from .data import Example, collate, make_batches
 from .loss import causal_lm_loss
 from .lora import add_lora, set_rank
 from .metrics import MetricsLog, peak_rss_mb
-from .model import check_model_path, load_model, set_gradient_checkpointing
+from .model import load_model, set_gradient_checkpointing
 from .optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger("qlora_kit")
@@ -185,19 +185,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     """
     from accelerate import Accelerator
 
-    config.validate()
-    tc, out = config.training, Path(config.training.output_dir)
-    model_path = resolve_model_path(config.model.path)
-    check_model_path(model_path)
-    resume_from = _prepare_output(out, resume)
-    if tokenizer is None:
-        from transformers import AutoTokenizer
+    from .validate import validate_run
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=config.model.trust_remote_code)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    cache = Path(config.data.cache_dir) if config.data.cache_dir else out.parent / ".token-cache"
-    train_set, eval_set, stats = prepare_data(config.data, tokenizer, cache_dir=cache, seed=tc.seed)
+    checked = validate_run(config, tokenizer)  # config, model folder, LoRA targets, every record; no weights
+    tc, out, model_path = config.training, Path(config.training.output_dir), checked.model_path
+    resume_from = _prepare_output(out, resume)
+    tokenizer, train_set, eval_set, stats = checked.tokenizer, checked.train_set, checked.eval_set, checked.stats
 
     accelerator = Accelerator(cpu=config.model.device == "cpu")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
