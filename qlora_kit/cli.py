@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .config import ConfigError
@@ -23,6 +24,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.config = None
     config = load_train_config(args.config, args.overrides)
     result = train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun/accelerate launch only rank 0 reports
+        return 0
     if result.status == "interrupted":
         print(f"interrupted: checkpoint saved at step {result.steps}. Resume with:\n  qlora-kit train "
               f"{args.config or ''} {' '.join(args.overrides)} --resume".replace("  ", " "))

@@ -275,6 +275,7 @@ class TrainingConfig:
     seed: int = 42  # seeds LoRA init, data order, dropout and dynamic-rank sampling
     log_every: int = 1  # write a metrics.jsonl line every N steps
     loss_chunk_size: int = 1024  # supervised positions per chunk of the vocabulary projection in the loss
+    distributed: str = "ddp"  # with several processes (accelerate launch / torchrun): "ddp" (replicate the 4-bit base) or "fsdp" (shard it; FSDP-QLoRA)
 
     def validate(self, where: str = "training") -> None:
         if self.optimizer not in ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"):
@@ -286,6 +287,8 @@ class TrainingConfig:
             raise ConfigError(f"{where}.gradient_checkpointing: {self.gradient_checkpointing!r}; use on, off or auto")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ConfigError(f"{where}.on_nonfinite: {self.on_nonfinite!r}; use stop or skip")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ConfigError(f"{where}.distributed: {self.distributed!r}; use ddp or fsdp")
         for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every", "loss_chunk_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{where}.{name}: must be at least 1, got {getattr(self, name)}")

@@ -183,30 +183,44 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     ``model``/``tokenizer`` may be passed in already loaded (4-bit, without adapters). Returns a TrainResult;
     raises ConfigError/DataError for bad input and TrainingError for a NaN/inf loss with ``on_nonfinite=stop``.
     """
-    from accelerate import Accelerator
-
+    from .distributed import (adapter_view, clip_grad_norm, configure_quant_for_fsdp, evaluate_sharded,
+                              full_adapter_params, gathered_optimizer, load_optimizer, make_accelerator,
+                              quiet_other_ranks, wrap_fsdp)
     from .validate import validate_run
 
+    quiet_other_ranks()
     checked = validate_run(config, tokenizer)  # config, model folder, LoRA targets, every record; no weights
     tc, out, model_path = config.training, Path(config.training.output_dir), checked.model_path
     resume_from = _prepare_output(out, resume)
     tokenizer, train_set, eval_set, stats = checked.tokenizer, checked.train_set, checked.eval_set, checked.stats
 
-    accelerator = Accelerator(cpu=config.model.device == "cpu")
+    accelerator = make_accelerator(cpu=config.model.device == "cpu")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    fsdp = world > 1 and tc.distributed == "fsdp"
     longest = max(len(e.input_ids) for e in train_set)
     checkpointing = _gradient_checkpointing(config, model_path, min(longest, config.data.max_seq_len))
-    if model is None:
+    if fsdp:
+        from .hardware import choose_compute_dtype
+
+        configure_quant_for_fsdp(config, choose_compute_dtype(config.model.compute_dtype, accelerator.device))
+    if model is None:  # under FSDP every rank quantizes on the CPU and FSDP moves each unit's shard to the device
         model, _ = load_model(model_path, config.quant, config.model.compute_dtype, checkpointing,
-                              device=str(accelerator.device), trust_remote_code=config.model.trust_remote_code)
+                              device="cpu" if fsdp else str(accelerator.device),
+                              trust_remote_code=config.model.trust_remote_code)
     else:
         set_gradient_checkpointing(model, checkpointing)
     torch.manual_seed(tc.seed)
     add_lora(model, config.lora)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, tc, accelerator.device)
     core = model
-    step_fn, optimizer = accelerator.prepare(SupervisedLoss(model, tc.loss_chunk_size), optimizer)
+    if fsdp:  # wrapped before the optimizer exists; use_orig_params keeps ``params`` the optimizer's tensors
+        step_fn = wrap_fsdp(accelerator, SupervisedLoss(model, tc.loss_chunk_size), model)
+        optimizer = accelerator.prepare(build_optimizer(params, tc, accelerator.device))
+        named = adapter_view(core, step_fn)  # adapter files and resume use the original module names
+    else:
+        optimizer = build_optimizer(params, tc, accelerator.device)
+        step_fn, optimizer = accelerator.prepare(SupervisedLoss(model, tc.loss_chunk_size), optimizer)
+        named = core
 
     micro_per_step = tc.grad_accum * world
     batches_per_epoch = len(make_batches(train_set, tc.batch_size, config.data, tc.seed, 0))
@@ -217,7 +231,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
 
     state = {"best_eval_loss": None, "best_step": None, "bad_evals": 0, "world_size": world,
-             "micro_batches_per_step": micro_per_step}
+             "micro_batches_per_step": micro_per_step, "sharded": fsdp}
     start_step = 0
     if resume_from is not None:
         saved = load_trainer_state(resume_from)
@@ -226,8 +240,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
                 f"{resume_from}: saved with {saved.get('micro_batches_per_step')} micro-batches per step "
                 f"(grad_accum x world size), this launch has {micro_per_step}; resume with the same product "
                 "(e.g. double grad_accum when halving the number of processes)")
-        assign_adapter(core, read_adapter(resume_from))
-        optimizer.load_state_dict(load_optimizer_state(resume_from))
+        if saved.get("sharded"):  # FSDP checkpoints hold the adapter but not the (sharded) optimizer state
+            raise TrainingError(f"{resume_from}: written under training.distributed=fsdp, which does not save the "
+                                "optimizer state, so it cannot be resumed exactly; use its adapter_model.safetensors, "
+                                "or train with ddp when you need resumable checkpoints")
+        with full_adapter_params(step_fn):
+            assign_adapter(named, read_adapter(resume_from))
+        load_optimizer(step_fn, optimizer, load_optimizer_state(resume_from))
         state.update({k: saved[k] for k in ("best_eval_loss", "best_step", "bad_evals") if k in saved})
         start_step = saved["step"]
         log.info("resumed from %s at step %d of %d", resume_from, start_step, total_steps)
@@ -248,8 +267,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         return epoch_cache[epoch][k * micro_per_step:(k + 1) * micro_per_step]
 
     def checkpoint(step: int) -> None:
-        if main:
-            save_checkpoint(out / "checkpoints", step, core, optimizer, state, tc.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        with full_adapter_params(step_fn):  # collective under FSDP; only the main process writes
+            opt = gathered_optimizer(step_fn, optimizer)
+            if main:
+                save_checkpoint(out / "checkpoints", step, named, opt, state, tc.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not (progress and main), dynamic_ncols=True)
@@ -267,12 +289,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
             collated = [collate(examples, pad_id, config.data.packing, config.data.max_seq_len) for examples in group]
             step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in collated)  # global, all ranks
             loss_total = accumulate_gradients(step_fn, accelerator, collated[rank::world], step_tokens)
-            tokens += sum(len(e.input_ids) for b in group[rank::world] for e in b)
-            if world > 1:
-                loss_total = accelerator.reduce(torch.tensor(loss_total, device=accelerator.device), "sum").item()
+            step_input = sum(len(e.input_ids) for b in group[rank::world] for e in b)
+            stopping = stop.signal is not None
+            if world > 1:  # one all-reduce: loss, tokens, and whether any rank was asked to stop
+                summed = accelerator.reduce(torch.tensor([loss_total, step_input, float(stopping)],
+                                                         dtype=torch.float64, device=accelerator.device), "sum")
+                loss_total, step_input, stopping = summed[0].item(), int(summed[1].item()), bool(summed[2].item())
+            tokens += step_input
             supervised += step_tokens
             step_loss = loss_total / max(step_tokens, 1)
-            norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
+            norm = clip_grad_norm(step_fn, params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
             if not (math.isfinite(step_loss) and math.isfinite(float(norm))):
                 optimizer.zero_grad(set_to_none=True)
                 what = f"step {step + 1}: loss {step_loss}, gradient norm {float(norm)}"
@@ -303,23 +329,30 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
             last = done == total_steps
             if eval_set and ((tc.eval_every and done % tc.eval_every == 0) or last):
                 set_rank(core, None)
-                eval_loss = evaluate_loss(core, eval_set, tc.batch_size, pad_id, config.data.max_seq_len, tc.loss_chunk_size)
+                eval_loss = (evaluate_sharded(step_fn, eval_set, tc.batch_size, pad_id, config.data.max_seq_len,
+                                              accelerator.device) if fsdp else
+                             evaluate_loss(core, eval_set, tc.batch_size, pad_id, config.data.max_seq_len,
+                                           tc.loss_chunk_size))
                 core.train()
                 improved = state["best_eval_loss"] is None or eval_loss < state["best_eval_loss"]
                 if improved:
                     state.update(best_eval_loss=eval_loss, best_step=done, bad_evals=0)
-                    if main:
-                        save_adapter(core, out / "best_adapter")
+                    with full_adapter_params(step_fn):
+                        if main:
+                            save_adapter(named, out / "best_adapter")
                 else:
                     state["bad_evals"] += 1
                 metrics.write({"step": done, "eval_loss": round(eval_loss, 6)})
-                bar.write(f"step {done}: validation loss {eval_loss:.4f}" + (" (best)" if improved else ""))
+                if main:
+                    bar.write(f"step {done}: validation loss {eval_loss:.4f}" + (" (best)" if improved else ""))
                 if tc.early_stopping_patience and state["bad_evals"] >= tc.early_stopping_patience:
                     status = "early_stopped"
-            if (tc.save_every and done % tc.save_every == 0) or stop.signal is not None or status != "completed":
+            if world == 1:  # several ranks act on the flag all-reduced above, so all stop after the same step
+                stopping = stop.signal is not None
+            if (tc.save_every and done % tc.save_every == 0) or stopping or status != "completed":
                 checkpoint(done)
                 saved_at = done
-            if stop.signal is not None:
+            if stopping:
                 status = "interrupted"
             if status != "completed":
                 break
@@ -332,9 +365,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     else:
         if saved_at != done:
             checkpoint(done)
-        if main:
-            adapter_dir = save_adapter(core, out / "adapter")
-            tokenizer.save_pretrained(str(out / "adapter"))
+        with full_adapter_params(step_fn):
+            if main:
+                save_adapter(named, out / "adapter")
+                tokenizer.save_pretrained(str(out / "adapter"))
+        accelerator.wait_for_everyone()
+        adapter_dir = out / "adapter"
     result = TrainResult(out, adapter_dir, status, done, tokens, supervised, seconds, _peak_memory_mb(),
                          last_loss, eval_loss, state["best_eval_loss"], state["best_step"])
     if main:
