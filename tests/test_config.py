@@ -22,3 +22,12 @@ def test_overrides_and_types():
     assert from_dict(QuantConfig, {"quant_type": "fp4"}, "quant").quant_type == "fp4"
     with pytest.raises(ConfigError, match="quant.quant_type"):
         from_dict(QuantConfig, {"quant_type": "int4"}, "quant")
+
+
+def test_example_config_in_docs_parses():
+    from pathlib import Path
+
+    from qlora_kit.config import load_train_config
+
+    cfg = load_train_config(Path(__file__).parent.parent / "docs" / "config.example.yaml")
+    assert cfg.model.path == "demo" and cfg.lora.target_modules == "all-linear" and cfg.training.eval_every == 50
