@@ -17,8 +17,8 @@ from torch import nn
 
 from .atomic import atomic_dir, safetensors_bytes
 from .config import ConfigError, LoraConfig, QuantConfig
-from .lora import (LoraLinear, TrainableCopy, _layer_index, active_adapters, attach_adapter, lora_layers,
-                   resolve_targets, set_active_adapters)
+from .lora import (LoraLinear, TrainableCopy, _layer_index, active_adapters, attach_adapter, inference_rank,
+                   lora_layers, resolve_targets, set_active_adapters, set_rank)
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -133,11 +133,13 @@ def read_adapter(path: str | Path) -> AdapterFile:
         meta = json.loads((f.metadata() or {}).get("qlora_kit", "{}"))
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     saved = meta.get("lora") or {}
+    r = int(raw["r"])  # a rank-k export of a dynamic adapter stays nested: its ranks 1..k are the trained ones
     config = LoraConfig(
-        r=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])), dropout=float(raw.get("lora_dropout", 0.0)),
+        r=r, alpha=float(raw.get("lora_alpha", raw["r"])), dropout=float(raw.get("lora_dropout", 0.0)),
         use_rslora=bool(raw.get("use_rslora", False)), target_modules=raw.get("target_modules") or "all-linear",
         layers=raw.get("layers_to_transform"), modules_to_save=list(raw.get("modules_to_save") or []),
-        dynamic_rank=bool(saved.get("dynamic_rank", False)), r_min=int(saved.get("r_min", 1)))
+        dynamic_rank=bool(saved.get("dynamic_rank", False)), r_min=min(int(saved.get("r_min", 1)), r),
+        rank_sampling=str(saved.get("rank_sampling", "uniform")), active_rank=min(int(saved.get("active_rank", 0)), r))
     if isinstance(config.layers, int):
         config.layers = [config.layers]
     lora: dict[str, list] = {}
@@ -188,10 +190,13 @@ def _check_matches(model: nn.Module, adapter: AdapterFile, path: Path) -> None:
                                    f"model?); " + "; ".join(lines))
 
 
-def load_adapter(model: nn.Module, path: str | Path, name: str = "default", activate: bool = True) -> LoraConfig:
+def load_adapter(model: nn.Module, path: str | Path, name: str = "default", activate: bool = True,
+                 rank: int | None = None) -> LoraConfig:
     """Load an adapter folder (saved by qlora-kit or PEFT) onto ``model`` as adapter ``name``.
 
     Several adapters can live on one base under different names; ``activate`` makes this one the active one.
+    A dynamic-rank adapter runs at ``rank`` if given, else at its saved ``lora.active_rank`` (r by default);
+    ``set_rank(model, k, name)`` changes it later. ``rank`` is an error for an ordinary adapter.
     Raises AdapterMismatchError before changing the model when names or shapes differ from the base.
     """
     path = Path(path)
@@ -199,9 +204,18 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
     if name in getattr(model, "lora_configs", {}):
         raise ValueError(f"an adapter named {name!r} is already loaded; pick another name")
     _check_matches(model, adapter, path)
+    if rank is not None:
+        if not adapter.config.dynamic_rank:
+            raise ConfigError(f"{path}: rank={rank} given, but this is not a dynamic-rank adapter; its rank is "
+                              f"fixed at {adapter.config.r} (use adapter-resize to shrink it)")
+        if not 1 <= rank <= adapter.config.r:
+            raise ConfigError(f"{path}: rank={rank} must be in [1, {adapter.config.r}]")
+        adapter.config.active_rank = rank
     previous = active_adapters(model)
     attach_adapter(model, sorted(adapter.lora), adapter.config, name)
     assign_adapter(model, adapter, name)
+    if adapter.config.dynamic_rank:
+        set_rank(model, inference_rank(adapter.config), name)
     if not activate:
         set_active_adapters(model, previous)
     return adapter.config

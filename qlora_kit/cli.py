@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     rs.set_defaults(func=_cmd_adapter_resize)
 
+    from .rank_sweep import add_parser as add_rank_sweep_parser
+
+    add_rank_sweep_parser(sub)  # rank-sweep: evaluate a dynamic-rank adapter at several ranks, recommend one
+
     pl = sub.add_parser("plan", help="predict peak memory of a QLoRA fine-tune from a config.json, without loading it")
     pl.add_argument("--model", required=True, help="checkpoint folder, config.json, or a shipped name (e.g. llama-3.1-70b)")
     pl.add_argument("--seq-len", type=int, default=2048)

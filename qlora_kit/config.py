@@ -57,6 +57,10 @@ class LoraConfig:
     modules_to_save: list[str] = field(default_factory=list)  # modules trained in full as a copy, e.g. ["lm_head", "embed_tokens"] after adding tokens
     dynamic_rank: bool = False  # dynamic-rank training (QDyLoRA): sample a rank per step in [r_min, r]
     r_min: int = 1  # smallest sampled rank when dynamic_rank is on
+    # "log_uniform" draws log(rank) uniformly: as many steps in [1, 4) as in [8, 32), so the small ranks one would
+    # deploy are trained alone more often (the first rows of A / columns of B are trained at every step either way)
+    rank_sampling: str = "uniform"  # per-step rank distribution in [r_min, r]: "uniform" (DyLoRA, QDyLoRA) or "log_uniform"
+    active_rank: int = 0  # rank used for evaluation, inference and loading a dynamic adapter; 0 means r
 
     def validate(self, where: str = "lora") -> None:
         """Raise ConfigError for an impossible setting."""
@@ -70,6 +74,10 @@ class LoraConfig:
             raise ConfigError(f"{where}.init: {self.init!r} is unknown; use 'kaiming' or 'gaussian'")
         if self.dynamic_rank and not 1 <= self.r_min <= self.r:
             raise ConfigError(f"{where}.r_min: must be in [1, r={self.r}], got {self.r_min}")
+        if self.rank_sampling not in ("uniform", "log_uniform"):
+            raise ConfigError(f"{where}.rank_sampling: {self.rank_sampling!r} is unknown; use 'uniform' or 'log_uniform'")
+        if not 0 <= self.active_rank <= self.r:
+            raise ConfigError(f"{where}.active_rank: must be in [1, r={self.r}] (or 0 for r), got {self.active_rank}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError(f"{where}.target_modules: empty list; use 'all-linear' or name modules such as q_proj")
 

@@ -263,6 +263,23 @@ def set_rank(model: nn.Module, rank: int | None, name: str | None = None) -> Non
                 adapter.rank = min(rank, adapter.r) if rank else adapter.r
 
 
+def inference_rank(config: LoraConfig) -> int:
+    """The rank evaluation and inference use: ``config.active_rank``, or the full ``r`` when it is 0."""
+    return min(config.active_rank or config.r, config.r)
+
+
+def sample_rank(rng, config: LoraConfig) -> int:
+    """One training step's rank in ``[r_min, r]``, drawn from ``rng`` (a ``random.Random``).
+
+    "uniform" (DyLoRA, QDyLoRA): every rank equally often. "log_uniform": ``floor(r_min * ((r + 1) / r_min) ** u)``
+    with u uniform in [0, 1), i.e. P(b) proportional to log((b + 1) / b), weighted toward small ranks.
+    """
+    lo, hi = config.r_min, config.r
+    if config.rank_sampling == "log_uniform":
+        return min(hi, int(lo * ((hi + 1) / lo) ** rng.random()))
+    return rng.randint(lo, hi)
+
+
 # ---------------------------------------------------------------------------------------------
 # Parameter report
 

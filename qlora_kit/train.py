@@ -28,7 +28,7 @@ from .checkpoint import latest_checkpoint, load_optimizer_state, load_trainer_st
 from .config import ConfigError, TrainConfig, to_dict
 from .data import Example, collate, make_batches
 from .loss import causal_lm_loss
-from .lora import add_lora, set_rank
+from .lora import add_lora, inference_rank, sample_rank, set_rank
 from .metrics import MetricsLog, peak_rss_mb
 from .model import load_model, set_gradient_checkpointing
 from .optim import build_optimizer, lr_at, set_lr
@@ -283,7 +283,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
             torch.manual_seed(_step_seed(tc.seed, step))
             sampled_rank = None
             if config.lora.dynamic_rank:
-                sampled_rank = random.Random(_step_seed(tc.seed, step)).randint(config.lora.r_min, config.lora.r)
+                sampled_rank = sample_rank(random.Random(_step_seed(tc.seed, step)), config.lora)
                 set_rank(core, sampled_rank)
             group = [[train_set[i] for i in b] for b in step_group(step)]
             collated = [collate(examples, pad_id, config.data.packing, config.data.max_seq_len) for examples in group]
@@ -328,7 +328,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
             last = done == total_steps
             if eval_set and ((tc.eval_every and done % tc.eval_every == 0) or last):
-                set_rank(core, None)
+                set_rank(core, inference_rank(config.lora))  # lora.active_rank, r by default
                 eval_loss = (evaluate_sharded(step_fn, eval_set, tc.batch_size, pad_id, config.data.max_seq_len,
                                               accelerator.device) if fsdp else
                              evaluate_loss(core, eval_set, tc.batch_size, pad_id, config.data.max_seq_len,
@@ -357,7 +357,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
             if status != "completed":
                 break
     bar.close()
-    set_rank(core, None)
+    set_rank(core, inference_rank(config.lora))
     adapter_dir = None
     if status == "interrupted":
         log.warning("interrupted at step %d; checkpoint saved. Resume with: qlora-kit train CONFIG.yaml --resume "
