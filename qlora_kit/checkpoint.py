@@ -60,6 +60,9 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     target = root / f"step-{step:06d}"
     tensors: dict[str, torch.Tensor] = {}
     structure = _flatten(optimizer.state_dict(), tensors)
+    # bitsandbytes' 8-bit optimizers share one quantization map (qmap1/qmap2) between parameters, and
+    # safetensors refuses tensors that share memory: give every saved tensor its own storage
+    tensors = {k: t.clone() for k, t in tensors.items()}
     with atomic_dir(target) as tmp:
         write_adapter_files(tmp, model)
         (tmp / "optimizer.safetensors").write_bytes(safetensors_bytes(tensors))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, LoraConfig
+from .fused import try_fused_forward
 from .quant import logical_numel
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -79,6 +80,9 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in] -> [..., out]``: base output plus every active adapter's update."""
+        fused = try_fused_forward(self, x)  # 4-bit base + one adapter: one autograd function (fused.py)
+        if fused is not None:
+            return fused
         y = self.base(x)
         for name in self.active:
             y = y + self.adapters[name](x).to(y.dtype)

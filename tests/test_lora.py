@@ -57,9 +57,11 @@ def test_forward_and_grads_match_dequantize_and_matmul_reference(rslora):
     yr = xr @ w.T + scale * (xr @ A.T @ B.T)
     yr.backward(g)
     torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x.grad, xr.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ad.lora_A.grad, A.grad, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(ad.lora_B.grad, B.grad, atol=1e-4, rtol=1e-5)
+    # the fused path (fused.py) applies the scale to g @ B rather than to g: fp32 reassociation only
+    torch.testing.assert_close(x.grad, xr.grad, atol=3e-5, rtol=1e-4)
+    # A's gradient reaches ~900 here; fused and unfused both err by ~3e-4 against float64
+    torch.testing.assert_close(ad.lora_A.grad, A.grad, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(ad.lora_B.grad, B.grad, atol=1e-3, rtol=1e-5)
 
 
 def test_gaussian_init_and_kaiming_init():
