@@ -1,0 +1,221 @@
+"""Keep the frozen 4-bit base out of anonymous memory: memory-map it from disk, or stream it from the host.
+
+``offload_base(model, "disk", folder)`` writes every bitsandbytes 4-bit layer's packed codes (and its
+quant-state absmax tensors) into one flat file, ``<folder>/weights.bin``, with a JSON index
+``<folder>/index.json`` (name -> offset, nbytes, shape, dtype; nothing is pickled, and nothing is unpickled
+when mapping it back). Both appear atomically (``atomic_dir``). Each ``Params4bit.data`` (and
+``quant_state.absmax`` / ``state2.absmax``) then becomes a view onto one private, read-only-in-practice memory
+map of that file (``torch.from_file(shared=False)``: MAP_PRIVATE, so an accidental in-place write copies a page
+and never reaches the file). The OS pages weights in as layers run and can drop them again under pressure:
+they count as file-backed (RssFile), not anonymous memory. The in-memory originals are released.
+
+The folder must be on a real disk: a tmpfs (RAM-backed) folder saves nothing.
+
+``"cpu"``: on a CPU device this is a no-op (logged). On an accelerator the packed weights stay on the host and
+each 4-bit layer's weights are copied to the device by a forward pre-hook and released by a forward hook
+(per linear layer, synchronous, no prefetch; untested on CUDA). The same hooks also run for ``"disk"`` on an
+accelerator, so the device then only holds the layer being computed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import atomic_dir
+from .quant import is_4bit
+
+log = logging.getLogger("qlora_kit")
+
+MODES = ("none", "cpu", "disk")
+INDEX_NAME = "index.json"
+DATA_NAME = "weights.bin"
+FORMAT = "qlora-kit-offload-v1"
+_ALIGN = 64
+
+# quant-state tensors worth storing (the codebooks are 16/256 floats, shared and kept in memory)
+_STATE_FIELDS = (("absmax",), ("state2", "absmax"))
+
+
+def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Each 4-bit weight once, under its outermost module: a ``LoraLinear`` forwards its base's ``.weight``, and
+    its forward (fused or not) is what runs, so hooks go there; the name is the same before and after LoRA."""
+    out, seen = [], set()
+    for name, m in model.named_modules():
+        if is_4bit(m) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            out.append((name, m))
+    return out
+
+
+def _tensors(name: str, module: nn.Module):
+    """(key, owner, attribute, tensor) for the packed weight and the stored quant-state tensors of one layer."""
+    w = module.weight
+    out = [(f"{name}.weight", w, "data", w.data)]
+    for path in _STATE_FIELDS:
+        owner = w.quant_state
+        for attr in path[:-1]:
+            owner = getattr(owner, attr, None)
+        t = getattr(owner, path[-1], None) if owner is not None else None
+        if isinstance(t, torch.Tensor):
+            out.append((f"{name}.weight.{'.'.join(path)}", owner, path[-1], t))
+    return out
+
+
+def _set(owner, attr: str, value: torch.Tensor) -> None:
+    if attr == "data":
+        owner.data = value  # keeps the Params4bit (and its quant_state), swaps its storage
+    else:
+        setattr(owner, attr, value)
+
+
+def offload_base(model: nn.Module, mode: str, folder: str | Path | None = None) -> dict:
+    """Offload the frozen 4-bit base weights of ``model`` ("none", "cpu" or "disk"; see the module docstring).
+
+    Works before or after ``add_lora`` (a ``LoraLinear`` keeps its base layer as ``.base``).
+    Returns a summary: ``{"mode", "layers", "bytes", "file"}``.
+    Raises ValueError for an unknown mode or a missing folder for "disk".
+    """
+    if mode not in MODES:
+        raise ValueError(f"model.offload: {mode!r}; use none, cpu or disk")
+    layers = _layers(model)
+    summary = {"mode": mode, "layers": len(layers), "bytes": 0, "file": None}
+    if mode == "none" or not layers:
+        return summary
+    device = layers[0][1].weight.device
+    if mode == "cpu":
+        if device.type == "cpu":
+            log.info("model.offload=cpu: the model is on the CPU already; nothing to offload")
+            return summary
+        _to_host(layers)
+        stream_layers(model, device)
+        log.info("model.offload=cpu: %d 4-bit layers kept on the host, copied to %s one layer at a time",
+                 len(layers), device)
+        return summary
+    if folder is None:
+        raise ValueError("model.offload=disk needs a folder for the weight file")
+    folder = Path(folder)
+    if device.type != "cpu":
+        _to_host(layers)
+    index, total = _write(layers, folder)
+    _map(layers, folder / DATA_NAME, index, total)
+    if device.type != "cpu":
+        stream_layers(model, device)
+    summary.update(bytes=total, file=str(folder / DATA_NAME))
+    log.info("model.offload=disk: %d 4-bit layers (%.1f MB) memory-mapped from %s", len(layers), total / 2**20,
+             folder / DATA_NAME)
+    return summary
+
+
+def _write(layers, folder: Path) -> tuple[dict, int]:
+    entries, offset = {}, 0
+    with atomic_dir(folder) as tmp:
+        with open(tmp / DATA_NAME, "wb") as f:
+            for name, module in layers:
+                for key, _, _, t in _tensors(name, module):
+                    raw = t.detach().contiguous().view(-1).view(torch.uint8)
+                    pad = -offset % _ALIGN
+                    f.write(b"\0" * pad)
+                    offset += pad
+                    f.write(memoryview(raw.numpy()))
+                    entries[key] = {"offset": offset, "nbytes": raw.numel(), "shape": list(t.shape),
+                                    "dtype": str(t.dtype).removeprefix("torch.")}
+                    offset += raw.numel()
+            f.flush()
+            import os
+
+            os.fsync(f.fileno())
+        index = {"format": FORMAT, "total_bytes": offset, "tensors": entries}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    return index, offset
+
+
+def read_index(folder: str | Path) -> dict:
+    """The JSON index of an offload folder (plain ``json.loads``; never pickle)."""
+    index = json.loads((Path(folder) / INDEX_NAME).read_text(encoding="utf-8"))
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{folder}: not a qlora-kit offload folder (format {index.get('format')!r})")
+    return index
+
+
+def map_offloaded(model: nn.Module, folder: str | Path) -> int:
+    """Point a freshly loaded model's 4-bit layers at an existing offload folder; returns the mapped bytes.
+
+    Every layer's names, shapes and dtypes must match the index (same checkpoint and quant settings).
+    """
+    folder = Path(folder)
+    index = read_index(folder)
+    layers = _layers(model)
+    _map(layers, folder / DATA_NAME, index, index["total_bytes"])
+    return index["total_bytes"]
+
+
+def _map(layers, path: Path, index: dict, total: int) -> None:
+    flat = torch.from_file(str(path), shared=False, size=max(total, 1), dtype=torch.uint8)  # lazy MAP_PRIVATE
+    entries = index["tensors"]
+    for name, module in layers:
+        for key, owner, attr, t in _tensors(name, module):
+            e = entries.get(key)
+            if e is None or e["shape"] != list(t.shape) or e["dtype"] != str(t.dtype).removeprefix("torch."):
+                raise ValueError(f"{path}: entry {key!r} missing or different from the model "
+                                 f"({e and e['shape']} {e and e['dtype']} vs {list(t.shape)} {t.dtype})")
+            view = flat[e["offset"]:e["offset"] + e["nbytes"]].view(t.dtype).view(t.shape)
+            _set(owner, attr, view)  # the original tensor loses its last reference here
+
+
+def is_file_backed(t: torch.Tensor, path: str | Path) -> bool:
+    """True if ``t``'s memory lies inside a mapping of ``path`` in this process (Linux /proc/self/maps)."""
+    path = str(Path(path).resolve())
+    ptr = t.data_ptr()
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].strip().removesuffix(" (deleted)") == path:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= ptr < hi:
+                    return True
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Host -> device streaming (accelerators; on the CPU it is a device->device no-op, which is how it is tested)
+
+def _to_host(layers) -> None:
+    for name, module in layers:
+        for _, owner, attr, t in _tensors(name, module):
+            _set(owner, attr, t.to("cpu"))
+        state = module.weight.quant_state
+        state.code = state.code.cpu()
+        if getattr(state, "nested", False):
+            state.offset = state.offset.cpu()
+            state.state2.code = state.state2.code.cpu()
+
+
+def stream_layers(model: nn.Module, device: torch.device | str) -> list:
+    """Forward hooks that copy each 4-bit layer's host weights to ``device`` before it runs, and drop them after.
+
+    Backward (and gradient-checkpointing recompute) keep whatever the forward saved, so gradients are unchanged.
+    Returns the hook handles.
+    """
+    device = torch.device(device)
+    handles = []
+    for name, module in _layers(model):
+        host = [(owner, attr, t) for _, owner, attr, t in _tensors(name, module)]
+        state = module.weight.quant_state
+        small = [(state, "code", state.code)]
+        if getattr(state, "nested", False):
+            small += [(state, "offset", state.offset), (state.state2, "code", state.state2.code)]
+
+        def pre(mod, args, host=host, small=small):
+            for owner, attr, t in host + small:
+                _set(owner, attr, t.to(device, non_blocking=True))
+
+        def post(mod, args, output, host=host, small=small):
+            for owner, attr, t in host + small:
+                _set(owner, attr, t)
+
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    return handles

@@ -1,0 +1,176 @@
+"""offload_base: the disk-mapped 4-bit base trains exactly like the in-memory one, is file-backed, never pickled."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_kit import LoraConfig, add_lora, merge_and_export, save_adapter
+from qlora_kit.lora import LoraLinear
+from qlora_kit.offload import DATA_NAME, INDEX_NAME, is_file_backed, map_offloaded, offload_base, stream_layers
+from qlora_kit.quant import is_4bit
+
+from conftest import load_tiny
+
+
+def _step(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+def _lora_model(path, **load):
+    model, tok = load_tiny(path, **load)
+    torch.manual_seed(0)
+    add_lora(model, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():  # non-zero B so the adapters' gradients depend on the base weights everywhere
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    return model, tok
+
+
+def _packed(model):
+    from qlora_kit.offload import _layers
+
+    return dict(_layers(model))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_disk_offload_gives_identical_loss_and_lora_grads(tiny_model_dir, tmp_path, fused, checkpointing):
+    from qlora_kit.fused import set_fused
+
+    set_fused(fused)
+    try:
+        ids = torch.randint(0, 384, (2, 12), generator=torch.Generator().manual_seed(1))
+        ref, _ = _lora_model(tiny_model_dir, gradient_checkpointing=checkpointing)
+        ref.train()
+        loss_ref, grads_ref = _step(ref, ids)
+        model, _ = _lora_model(tiny_model_dir, gradient_checkpointing=checkpointing)
+        model.train()
+        before = {n: m.weight.data.clone() for n, m in _packed(model).items()}
+        summary = offload_base(model, "disk", tmp_path / "off")
+        assert summary["layers"] == len(before) == 14 and summary["bytes"] > 0
+        for n, m in _packed(model).items():
+            assert torch.equal(m.weight.data, before[n])
+        loss, grads = _step(model, ids)
+        assert torch.equal(loss, loss_ref)
+        assert grads.keys() == grads_ref.keys() and len(grads) == 28
+        for n in grads:
+            assert torch.equal(grads[n], grads_ref[n]), n
+    finally:
+        set_fused(True)
+
+
+def test_offloaded_weights_are_file_backed_and_index_is_json(tiny_model_dir, tmp_path):
+    model, _ = load_tiny(tiny_model_dir)
+    folder = tmp_path / "off"
+    offload_base(model, "disk", folder)
+    data = folder / DATA_NAME
+    layers = _packed(model)
+    index = json.loads((folder / INDEX_NAME).read_text())  # plain JSON
+    assert index["total_bytes"] == data.stat().st_size
+    for name, m in layers.items():
+        w, st = m.weight, m.weight.quant_state
+        assert is_file_backed(w.data, data), name
+        assert is_file_backed(st.absmax, data) and is_file_backed(st.state2.absmax, data), name
+        e = index["tensors"][f"{name}.weight"]
+        assert e["shape"] == list(w.shape) and e["dtype"] == "uint8" and e["offset"] % 64 == 0
+        assert index["tensors"][f"{name}.weight.state2.absmax"]["dtype"] == "float32"
+    # an in-place write stays private (MAP_PRIVATE): the file is never modified
+    raw = data.read_bytes()
+    w0 = next(iter(layers.values())).weight
+    w0.data[:4] += 1
+    assert data.read_bytes() == raw
+    # a fresh model maps the same file back without unpickling anything
+    fresh, _ = load_tiny(tiny_model_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        def refuse(*a, **k):
+            raise AssertionError("unpickling")
+        mp.setattr(pickle, "load", refuse)
+        mp.setattr(pickle, "loads", refuse)
+        mp.setattr(torch, "load", refuse)
+        assert map_offloaded(fresh, folder) == index["total_bytes"]
+    for name, m in _packed(fresh).items():
+        assert is_file_backed(m.weight.data, data)
+
+
+def test_save_merge_generate_after_offload(tiny_model_dir, tmp_path):
+    from qlora_kit.generate import generate
+
+    ref, tok = _lora_model(tiny_model_dir)
+    model, _ = _lora_model(tiny_model_dir)
+    offload_base(model, "disk", tmp_path / "off")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LoraLinear)
+    with torch.no_grad():
+        want = generate(ref, tok, ["Hello there"], max_new_tokens=6)
+        assert generate(model, tok, ["Hello there"], max_new_tokens=6) == want
+        assert generate(model, tok, ["Hello there"], max_new_tokens=6, dequantize_once=False) == want
+    save_adapter(model, tmp_path / "adapter")
+    save_adapter(ref, tmp_path / "adapter_ref")
+    for f in ("adapter_model.safetensors",):
+        assert (tmp_path / "adapter" / f).read_bytes() == (tmp_path / "adapter_ref" / f).read_bytes()
+    merge_and_export(tiny_model_dir, tmp_path / "adapter", tmp_path / "merged", dtype="fp32", verify=False,
+                     progress=False, prompts=["Hi"])
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_cpu_mode_is_a_noop_and_stream_hooks_keep_results(tiny_model_dir, tmp_path):
+    ids = torch.randint(0, 384, (1, 10), generator=torch.Generator().manual_seed(2))
+    ref, _ = _lora_model(tiny_model_dir)
+    loss_ref, grads_ref = _step(ref, ids)
+    model, _ = _lora_model(tiny_model_dir)
+    assert offload_base(model, "cpu")["bytes"] == 0
+    assert offload_base(model, "none")["bytes"] == 0
+    offload_base(model, "disk", tmp_path / "off")
+    handles = stream_layers(model, "cpu")  # the accelerator path, as a cpu->cpu copy
+    assert len(handles) == 2 * 14
+    loss, grads = _step(model, ids)
+    assert torch.equal(loss, loss_ref)
+    for n in grads:
+        assert torch.equal(grads[n], grads_ref[n]), n
+    for m in _packed(model).values():  # released back to the file-backed views after each forward
+        assert is_file_backed(m.weight.data, tmp_path / "off" / DATA_NAME)
+    with pytest.raises(ValueError):
+        offload_base(model, "gpu")
+
+
+_RSS_SCRIPT = r"""
+import ctypes, gc, json, sys
+sys.path.insert(0, sys.argv[3])
+from conftest import load_tiny
+from qlora_kit.offload import offload_base
+from qlora_kit.model import footprint
+
+def anon():
+    gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+model, _ = load_tiny(sys.argv[1])
+before = anon()
+s = offload_base(model, "disk", sys.argv[2])
+after = anon()
+print(json.dumps({"before": before, "after": after, "offloaded": s["bytes"],
+                  "quantized_bytes": footprint(model)["quantized_bytes"]}))
+"""
+
+
+def test_rss_anon_drops_by_the_packed_bytes(tmp_path):
+    from qlora_kit.tiny import make_tiny_model
+
+    big = make_tiny_model(tmp_path / "big", hidden_size=1024, intermediate_size=2816, num_hidden_layers=4)
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(big), str(tmp_path / "off"),
+                          str(Path(__file__).parent)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    drop = r["before"] - r["after"]
+    assert r["offloaded"] > 20 * 2**20
+    assert drop > 0.8 * r["offloaded"], r
