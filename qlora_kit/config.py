@@ -228,10 +228,13 @@ class ModelConfig:
     compute_dtype: str = "auto"  # "auto" (by hardware), "bf16", "fp16" or "fp32"
     device: str = ""  # "cpu", "cuda", "cuda:1"; empty picks the first GPU, else the CPU
     trust_remote_code: bool = False  # run the checkpoint's own Python code (off unless you trust it)
+    offload: str = "none"  # frozen 4-bit base: "none"; "disk" (memory-mapped from <output_dir>/.offload, paged in by the OS); "cpu" (host, one layer on the device at a time)
 
     def validate(self, where: str = "model") -> None:
         if self.compute_dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
             raise ConfigError(f"{where}.compute_dtype: {self.compute_dtype!r}; use auto, bf16, fp16 or fp32")
+        if self.offload not in ("none", "cpu", "disk"):
+            raise ConfigError(f"{where}.offload: {self.offload!r}; use none, cpu or disk")
 
 
 @dataclass

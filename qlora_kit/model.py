@@ -65,7 +65,7 @@ def bnb_config(quant: QuantConfig, compute_dtype: torch.dtype):
 
 def load_model(path: str | Path, quant: QuantConfig | None = None, compute_dtype: str = "auto",
                gradient_checkpointing: bool = False, device: str | None = None,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, offload: str = "none", offload_folder: str | Path | None = None):
     """Load a causal LM with its linear layers in 4-bit (NF4 + double quant by default), frozen.
 
     Args:
@@ -75,6 +75,8 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, compute_dtype
         gradient_checkpointing: recompute each decoder layer in backward instead of keeping its activations.
         device: "cpu", "cuda", "cuda:1"...; default: the first GPU if any, else the CPU.
         trust_remote_code: run the checkpoint's own Python code (off unless you trust its author).
+        offload, offload_folder: keep the frozen 4-bit base off the heap ("disk": memory-mapped from a file in
+            ``offload_folder``) or off the device ("cpu"); see ``offload.offload_base``.
     Returns:
         ``(model, tokenizer)``; the model is frozen (no parameter requires grad) until ``add_lora``.
     Raises:
@@ -97,6 +99,10 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, compute_dtype
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     prepare_for_kbit_training(model, dtype, gradient_checkpointing)
+    if offload != "none":
+        from .offload import offload_base
+
+        offload_base(model, offload, offload_folder)
     model.qlora_quant = quant  # recorded in saved adapters so a merge can re-quantize identically
     model.qlora_compute_dtype = dtype
     log.info("loaded %s in %s on %s in %.1f s (%.0f MB)", path, _quant_name(quant), dev,

@@ -206,7 +206,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     if model is None:  # under FSDP every rank quantizes on the CPU and FSDP moves each unit's shard to the device
         model, _ = load_model(model_path, config.quant, config.model.compute_dtype, checkpointing,
                               device="cpu" if fsdp else str(accelerator.device),
-                              trust_remote_code=config.model.trust_remote_code)
+                              trust_remote_code=config.model.trust_remote_code,
+                              offload=config.model.offload, offload_folder=out / ".offload")
     else:
         set_gradient_checkpointing(model, checkpointing)
     torch.manual_seed(tc.seed)

@@ -174,3 +174,25 @@ def test_rss_anon_drops_by_the_packed_bytes(tmp_path):
     drop = r["before"] - r["after"]
     assert r["offloaded"] > 20 * 2**20
     assert drop > 0.8 * r["offloaded"], r
+
+
+def test_config_field_and_train_with_disk_offload_match(tmp_path, tiny_model_dir):
+    from qlora_kit.config import ConfigError, load_train_config
+    from qlora_kit.train import train
+    from test_train import _config
+
+    with pytest.raises(ConfigError, match="model.offload"):
+        load_train_config(None, [f"model.path={tiny_model_dir}", "data.train_file=x.jsonl", "model.offload=gpu"])
+    plain = train(_config(tmp_path / "a", tiny_model_dir, max_steps=3), progress=False)
+    cfg = _config(tmp_path / "b", tiny_model_dir, max_steps=3)
+    cfg.model.offload = "disk"
+    offloaded = train(cfg, progress=False)
+    assert (Path(offloaded.output_dir) / ".offload" / DATA_NAME).is_file()
+    assert offloaded.final_train_loss == plain.final_train_loss
+    a = (plain.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert (offloaded.adapter_dir / "adapter_model.safetensors").read_bytes() == a
+
+
+def test_load_model_offload_disk(tiny_model_dir, tmp_path):
+    model, _ = load_tiny(tiny_model_dir, offload="disk", offload_folder=tmp_path / "off")
+    assert all(is_file_backed(m.weight.data, tmp_path / "off" / DATA_NAME) for m in _packed(model).values())
