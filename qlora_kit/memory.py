@@ -284,6 +284,8 @@ def _weight_parts(arch: Architecture, s: dict, lora_names: list[str], n_dev: int
     dq = dataclasses.replace(quant, double_quant=not quant.double_quant)
     w4 = arch.layers * sum(quantized_bytes(a * b, quant, cb) + (4 * b if quant.bits == 8 else 0) for a, b in lin.values())
     w4_alt = arch.layers * sum(quantized_bytes(a * b, dq, cb) for a, b in lin.values())
+    if s.get("offload", "none") != "none":  # offloaded: the layer running and the next one are resident
+        w4, w4_alt = (x * min(2, arch.layers) / arch.layers for x in (w4, w4_alt))
     bias = arch.layers * (arch.heads + 2 * arch.kv_heads) * arch.head_dim if arch.qkv_bias else 0
     unq = cb * (arch.vocab * arch.hidden * (1 if arch.tied else 2) + (arch.norms_per_layer * arch.layers + 1)
                 * arch.hidden + bias)
@@ -340,6 +342,8 @@ def _rows(p: _Parts, s: dict, at: tuple[float, float, float, float], overhead: f
     opt_alt = "adamw" if s["optimizer"].endswith("8bit") else "adamw_8bit"
     weights = (f"4-bit weights ({quant.quant_type}{' + double quant' if quant.double_quant else ''})"
                if quant.bits == 4 else f"{quant.bits}-bit weights")
+    if s.get("offload", "none") != "none":
+        weights += f", {s['offload']}-offloaded: {min(2, p.layers)} of {p.layers} layers resident"
     return [
         Row(weights, p.w4, p.w4, f"{'without' if quant.double_quant else 'with'} double quant: {_gib(p.w4_alt)}"),
         Row("unquantized params (embeddings, head, norms)", p.unq, p.unq, ""),
@@ -392,6 +396,8 @@ def _settings(**kw) -> dict:
                           "concrete dtype; 'auto' is bf16 on Ampere+ GPUs)")
     if s["strategy"] not in ("single", "ddp", "fsdp"):
         raise ConfigError(f"strategy {s['strategy']!r}: use single, ddp or fsdp")
+    if s.get("offload", "none") not in ("none", "cpu", "disk"):
+        raise ConfigError(f"offload {s['offload']!r}: use none, cpu or disk")
     if s["attention"] not in ("sdpa", "eager"):
         raise ConfigError(f"attention {s['attention']!r}: use sdpa or eager")
     for key in ("seq_len", "batch", "rank", "devices"):
@@ -459,7 +465,7 @@ def plan_memory(model_or_config: str | Path | dict, seq_len: int = 2048, batch: 
                 grad_checkpointing: bool = True, device_memory: str | float | None = None,
                 quant: QuantConfig | None = None, compute_dtype: str = "bf16", chunked_loss: bool = True,
                 devices: int = 1, strategy: str = "single", device: str = "cuda", attention: str | None = None,
-                loss_chunk: int = 1024, supervised_fraction: float = 1.0) -> MemoryPlan:
+                loss_chunk: int = 1024, supervised_fraction: float = 1.0, offload: str = "none") -> MemoryPlan:
     """Predict the peak memory per device of a QLoRA fine-tune, without loading any weight.
 
     Args:
@@ -477,6 +483,7 @@ def plan_memory(model_or_config: str | Path | dict, seq_len: int = 2048, batch: 
         device: "cuda" or "cpu": which framework overhead to add.
         attention: "sdpa" (default) or "eager" (default for Gemma 2, whose soft-capped scores SDPA can't do).
         loss_chunk, supervised_fraction: chunk size in tokens and the share of tokens that carry labels.
+        offload: "none", or "cpu"/"disk" (``model.offload``): only two decoder layers' 4-bit weights are resident.
     Returns:
         a MemoryPlan; ``str(plan)`` is the table and verdict.
     Raises:
@@ -487,7 +494,7 @@ def plan_memory(model_or_config: str | Path | dict, seq_len: int = 2048, batch: 
                   grad_checkpointing=bool(grad_checkpointing), quant=quant or QuantConfig(),
                   compute_dtype=compute_dtype, chunked_loss=bool(chunked_loss), devices=int(devices),
                   strategy=strategy, device=device, attention=attention or ("eager" if arch.attn_softcap else "sdpa"),
-                  loss_chunk=int(loss_chunk), supervised_fraction=float(supervised_fraction))
+                  loss_chunk=int(loss_chunk), supervised_fraction=float(supervised_fraction), offload=offload)
     rows, moment, total, spill = _plan_rows(arch, s)
     budget = parse_bytes(device_memory)
     fits = max_batch = max_seq = None

@@ -196,3 +196,20 @@ def test_config_field_and_train_with_disk_offload_match(tmp_path, tiny_model_dir
 def test_load_model_offload_disk(tiny_model_dir, tmp_path):
     model, _ = load_tiny(tiny_model_dir, offload="disk", offload_folder=tmp_path / "off")
     assert all(is_file_backed(m.weight.data, tmp_path / "off" / DATA_NAME) for m in _packed(model).values())
+
+
+def test_planner_counts_two_layers_of_4bit_weights_when_offloaded(tiny_model_dir):
+    from qlora_kit import plan_memory
+    from qlora_kit.config import ConfigError
+
+    plain = plan_memory(tiny_model_dir, compute_dtype="fp32")
+    off = plan_memory(tiny_model_dir, compute_dtype="fp32", offload="disk")
+    assert off.rows[0].bytes == pytest.approx(plain.rows[0].bytes)  # tiny model: 2 layers, all resident anyway
+    big = dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+               num_attention_heads=64, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
+    p0, p1 = plan_memory(big), plan_memory(big, offload="disk")
+    assert p1.rows[0].bytes == pytest.approx(p0.rows[0].bytes * 2 / 80)
+    assert p0.total - p1.total == pytest.approx(p0.rows[0].bytes * 78 / 80)
+    assert "disk-offloaded: 2 of 80 layers resident" in str(p1)
+    with pytest.raises(ConfigError, match="offload"):
+        plan_memory(big, offload="gpu")
