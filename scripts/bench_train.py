@@ -47,10 +47,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SEED, BATCH, LR, WARMUP, MAX_LEN, R, ALPHA = 42, 8, 2e-4, 5, 256, 16, 32.0
+SAMPLER = None  # the worker's MemorySampler
 
 
 # ------------------------------------------------------------------------------------------------
 # measurement helpers (run inside each worker)
+
+def training_peaks() -> dict:
+    """Peaks so far (called when training ends, before the shared validation pass)."""
+    return {"train_peak_anon_mb": SAMPLER.peak_anon / 2**20,
+            "train_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
 
 class MemorySampler:
     """Samples RssAnon and VmRSS from /proc/self/status every ``interval`` seconds in a thread."""
@@ -86,11 +93,11 @@ class MemorySampler:
         self._thread.join()
 
 
-def gemm_peak(dtype_name: str, n: int = 2048, reps: int = 7) -> float:
-    """Best GFLOP/s of an n×n matmul in ``dtype_name`` over ``reps`` timed repetitions (2 threads)."""
+def gemm_peak(dtype_name: str, threads: int, n: int = 2048, reps: int = 7) -> float:
+    """Best GFLOP/s of an n×n matmul in ``dtype_name`` over ``reps`` timed repetitions on ``threads`` threads."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
@@ -164,7 +171,7 @@ def worker_ours(args) -> dict:
     from qlora_kit.lora import lora_layers
     from qlora_kit.train import train
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     model_path, data_dir, out = Path(args.model), Path(args.data), Path(args.out)
     config = demo_config(model_path, data_dir / "train.jsonl", data_dir / "eval.jsonl", out / "run")
     config.data.cache_dir = str(data_dir / ".token-cache")
@@ -178,6 +185,7 @@ def worker_ours(args) -> dict:
     result = train(config, progress=False, model=model, tokenizer=tokenizer)
     losses = [json.loads(line)["loss"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
+    peaks = training_peaks()
     _, evals, _ = prepare_examples(data_dir, model_path)
     lora_params = sum(p.numel() for _, l in lora_layers(model) for p in l.adapters.parameters())
     return {"dtype": str(model.qlora_compute_dtype).removeprefix("torch."),
@@ -185,7 +193,7 @@ def worker_ours(args) -> dict:
             "steps": result.steps, "tokens": result.tokens, "supervised": result.supervised_tokens,
             "train_s": result.seconds, "losses": losses, "lora_params": lora_params,
             "val_loss": validation_loss(model, evals, tokenizer.pad_token_id),
-            "own_eval_loss": result.eval_loss}
+            "own_eval_loss": result.eval_loss, **peaks}
 
 
 def worker_peer(args) -> dict:
@@ -195,7 +203,7 @@ def worker_peer(args) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     model_path, data_dir, out = Path(args.model), Path(args.data), Path(args.out)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -240,17 +248,21 @@ def worker_peer(args) -> dict:
 
     trainer.data_collator = counting
     trainer.train()
+    peaks = training_peaks()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     return {"dtype": args.dtype, "checkpointing": args.checkpointing, "steps": trainer.state.global_step,
             "tokens": counts["tokens"], "supervised": counts["supervised"], "train_s": timer.seconds,
             "losses": losses, "lora_params": lora_params,
-            "val_loss": validation_loss(model, evals, tokenizer.pad_token_id, autocast_bf16=args.dtype == "bf16")}
+            "val_loss": validation_loss(model, evals, tokenizer.pad_token_id, autocast_bf16=args.dtype == "bf16"),
+            **peaks}
 
 
 def run_worker(args) -> None:
+    global SAMPLER
     start = time.perf_counter()
     with MemorySampler() as mem:
+        SAMPLER = mem
         result = worker_ours(args) if args.worker == "ours" else worker_peer(args)
     result.update(wall_s=time.perf_counter() - start, peak_anon_mb=mem.peak_anon / 2**20,
                   peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -263,13 +275,14 @@ def run_worker(args) -> None:
 def launch(name: str, kind: str, args, out: Path, data: Path, model: Path, **extra) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--worker", kind, "--out", str(out), "--data", str(data), "--model", str(model),
-           "--max-steps", str(extra.get("max_steps", args.max_steps))]
+           "--max-steps", str(extra.get("max_steps", args.max_steps)), "--threads", str(args.threads)]
     if kind == "peer":
         cmd += ["--dtype", extra["dtype"]] + (["--checkpointing"] if extra["checkpointing"] else [])
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[2:])}", flush=True)
     t = time.perf_counter()
     with open(out / "log.txt", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
+                                                                   "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode != 0:
         tail = (out / "log.txt").read_text().splitlines()[-15:]
         raise SystemExit(f"{name} failed ({proc.returncode}):\n" + "\n".join(tail))
@@ -292,6 +305,9 @@ def main() -> int:
     p.add_argument("--peer-best-dtype", default="probe", choices=["probe", "fp32", "bf16"],
                    help="peer-best compute dtype; 'probe' times --probe-steps steps of each and keeps the faster")
     p.add_argument("--probe-steps", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads per run (and for the GEMM peak); on a machine shared with other jobs, "
+                        "1 thread avoids OpenMP barrier stalls (see docs/benchmarks.md)")
     p.add_argument("--out", default="runs/bench-train")
     p.add_argument("--json", default="", help="also write the results here")
     # worker mode (internal)
@@ -314,9 +330,9 @@ def main() -> int:
     write_demo_dataset(data, n_train=args.examples, n_eval=args.eval_examples)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     flags = open("/proc/cpuinfo").read()
-    peaks = {d: gemm_peak(d) for d in ("fp32", "bf16")}
+    peaks = {d: gemm_peak(d, args.threads) for d in ("fp32", "bf16")}
     print(f"machine: {cpu}, {os.cpu_count()} CPUs, AMX-BF16 {'amx_bf16' in flags}, AVX512-BF16 {'avx512_bf16' in flags}; "
-          f"GEMM peak (2048², 2 threads, best of 7): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; "
+          f"GEMM peak (2048², {args.threads} thread(s), best of 7): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; "
           f"load average {load_average()}", flush=True)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     results: dict[str, dict] = {}
@@ -336,7 +352,7 @@ def main() -> int:
             results[name] = launch(name, "peer", args, out / name, data, model, dtype="bf16", checkpointing=True)
         elif name == "peer-best":
             results[name] = launch(name, "peer", args, out / name, data, model, dtype=best_dtype, checkpointing=False)
-    peaks_after = {d: gemm_peak(d) for d in ("fp32", "bf16")}
+    peaks_after = {d: gemm_peak(d, args.threads) for d in ("fp32", "bf16")}
     peaks = {d: max(peaks[d], peaks_after[d]) for d in peaks}
 
     counts = flop_counts(model, next(iter(results.values()))["lora_params"])
@@ -346,16 +362,16 @@ def main() -> int:
         gflops = useful_flops(counts, r["tokens"], r["supervised"]) / r["train_s"] / 1e9
         tail = r["losses"][-10:]
         r.update(tokens_per_s=tps, supervised_per_s=sps, useful_gflops=gflops,
-                 peak_fraction=gflops / peaks[r["dtype"] if r["dtype"] in peaks else "fp32"],
+                 peak_fraction=gflops / peaks[{"bfloat16": "bf16", "float32": "fp32"}.get(r["dtype"], r["dtype"])],
                  final_train_loss=sum(tail) / max(len(tail), 1))
         rows.append((name, r))
     head = (f"{'run':<13}{'dtype':>6}{'ckpt':>5}{'steps':>6}{'wall s':>8}{'train s':>9}{'tok/s':>8}{'sup tok/s':>10}"
-            f"{'peak RSS MB':>12}{'peak anon MB':>13}{'train loss':>11}{'val loss':>9}{'GFLOP/s':>9}{'% peak':>8}")
+            f"{'peak RSS MB':>12}{'peak anon MB':>13}{'train anon MB':>14}{'train loss':>11}{'val loss':>9}{'GFLOP/s':>9}{'% peak':>8}")
     print("\n" + head)
     for name, r in rows:
         print(f"{name:<13}{r['dtype']:>6}{'on' if r['checkpointing'] else 'off':>5}{r['steps']:>6}{r['wall_s']:>8.0f}"
               f"{r['train_s']:>9.0f}{r['tokens_per_s']:>8.1f}{r['supervised_per_s']:>10.1f}{r['peak_rss_mb']:>12.0f}"
-              f"{r['peak_anon_mb']:>13.0f}{r['final_train_loss']:>11.4f}{r['val_loss']:>9.4f}{r['useful_gflops']:>9.0f}"
+              f"{r['peak_anon_mb']:>13.0f}{r['train_peak_anon_mb']:>14.0f}{r['final_train_loss']:>11.4f}{r['val_loss']:>9.4f}{r['useful_gflops']:>9.0f}"
               f"{100 * r['peak_fraction']:>7.1f}%")
     print(f"\nuseful FLOPs = 4·N·T + 4·V·h·S + 6·N_lora·T with N = {counts['N']:,}, V·h = {counts['head']:,}, "
           f"N_lora = {counts['lora']:,}; GEMM peak fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; "
@@ -371,11 +387,12 @@ def main() -> int:
                 ratios[peer] = {"tokens_per_s": o["tokens_per_s"] / q["tokens_per_s"],
                                 "peak_rss": o["peak_rss_mb"] / q["peak_rss_mb"],
                                 "peak_anon": o["peak_anon_mb"] / q["peak_anon_mb"],
+                                "train_peak_anon": o["train_peak_anon_mb"] / q["train_peak_anon_mb"],
                                 "val_loss": o["val_loss"] / q["val_loss"],
                                 "wall": o["wall_s"] / q["wall_s"]}
                 x = ratios[peer]
                 print(f"ours/{peer}: tokens/s {x['tokens_per_s']:.2f}x, peak RSS {x['peak_rss']:.2f}x, "
-                      f"peak RssAnon {x['peak_anon']:.2f}x, val loss {x['val_loss']:.3f}x "
+                      f"peak RssAnon {x['peak_anon']:.2f}x (training phase {x['train_peak_anon']:.2f}x), val loss {x['val_loss']:.3f}x "
                       f"({'within 2% or better' if x['val_loss'] <= 1.02 else 'WORSE than 2%'}), wall {x['wall']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"peaks": peaks, "counts": counts, "results": results,
