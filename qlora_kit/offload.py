@@ -98,6 +98,9 @@ def offload_base(model: nn.Module, mode: str, folder: str | Path | None = None) 
     if folder is None:
         raise ValueError("model.offload=disk needs a folder for the weight file")
     folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or set(p.name for p in folder.iterdir()) - {INDEX_NAME, DATA_NAME}):
+        raise ValueError(f"{folder}: exists and is not an offload folder; it would be replaced (give an empty or "
+                         "new folder)")
     if device.type != "cpu":
         _to_host(layers)
     index, total = _write(layers, folder)

@@ -213,3 +213,16 @@ def test_planner_counts_two_layers_of_4bit_weights_when_offloaded(tiny_model_dir
     assert "disk-offloaded: 2 of 80 layers resident" in str(p1)
     with pytest.raises(ConfigError, match="offload"):
         plan_memory(big, offload="gpu")
+
+
+def test_refuses_to_replace_a_folder_that_is_not_an_offload_folder(tiny_model_dir, tmp_path):
+    model, _ = load_tiny(tiny_model_dir)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not an offload folder"):
+        offload_base(model, "disk", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    offload_base(model, "disk", tmp_path / "off")
+    fresh, _ = load_tiny(tiny_model_dir)
+    offload_base(fresh, "disk", tmp_path / "off")  # an earlier offload folder is replaced atomically
+    assert sorted(p.name for p in (tmp_path / "off").iterdir()) == [INDEX_NAME, DATA_NAME]
