@@ -300,7 +300,10 @@ def _weight_parts(arch: Architecture, s: dict, lora_names: list[str], n_dev: int
 
 
 def _activation_parts(arch: Architecture, s: dict, lora_names: list[str], fsdp_gather: float) -> dict:
-    cb, lb = _DTYPE_BYTES[s["compute_dtype"]], 4
+    cb = _DTYPE_BYTES[s["compute_dtype"]]
+    # qlora_kit.fused runs 4-bit base + LoRA as one op in the compute dtype: it saves the layer's input once
+    # and the r-wide intermediate, both in cb; other bases take the unfused path with fp32 LoRA copies
+    lb = cb if s["quant"].bits == 4 else 4
     T = s["batch"] * s["seq_len"]
     per_layer = saved_per_token(arch, lora_names, s["rank"], cb, lb, s["seq_len"], s["attention"])
     shared = 2 * cb * arch.head_dim + 4 * arch.hidden + 8  # cos/sin, final norm's fp32 input
