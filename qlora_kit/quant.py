@@ -62,6 +62,8 @@ def quantize_roundtrip(weight: torch.Tensor, quant: QuantConfig) -> torch.Tensor
         return torch.round(w / scale).clamp(-127, 127) * scale
     import bitsandbytes.functional as bnbF
 
-    packed, state = bnbF.quantize_4bit(weight.contiguous(), blocksize=quant.blocksize,
+    # quantize from fp32: the codes and scales equal those of a bf16/fp16 input (checked), but bitsandbytes
+    # dequantizes into the input's dtype, and a 16-bit result would round the exact codes x absmax values
+    packed, state = bnbF.quantize_4bit(weight.float().contiguous(), blocksize=quant.blocksize,
                                        compress_statistics=quant.double_quant, quant_type=quant.quant_type)
     return bnbF.dequantize_4bit(packed, state).float()

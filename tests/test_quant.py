@@ -60,3 +60,12 @@ def test_storage_cost_with_double_quant_is_4_127_bits():
 def test_dequantize_weight_of_plain_linear_is_its_weight():
     lin = nn.Linear(8, 4)
     assert torch.equal(dequantize_weight(lin), lin.weight.float())
+
+
+def test_roundtrip_of_a_bf16_weight_is_not_rounded_to_bf16():
+    """A bf16 checkpoint's weight quantizes to the same codes, and dequantizes exactly (fp32), as its fp32 cast."""
+    torch.manual_seed(0)
+    w = (torch.randn(256, 128) * 0.05).to(torch.bfloat16)
+    exact = quantize_roundtrip(w.float(), QuantConfig())
+    assert torch.equal(quantize_roundtrip(w, QuantConfig()), exact)
+    assert not torch.equal(exact.to(torch.bfloat16).float(), exact)  # bf16 would have rounded it
