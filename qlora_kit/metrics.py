@@ -39,8 +39,6 @@ class MetricsLog:
         """Train and validation loss against step, written atomically to ``out`` (PNG)."""
         if not self.enabled:
             return None
-        import io
-
         import matplotlib
 
         matplotlib.use("Agg")
@@ -57,12 +55,21 @@ class MetricsLog:
         ax.set_ylabel("cross-entropy per supervised token")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        plt.close(fig)
-        atomic_write_bytes(out, buf.getvalue())
-        return out
+        return save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically, close it, and return the path."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
 
 
 def peak_rss_mb() -> float:

@@ -111,14 +111,12 @@ def sweep(model, tokenizer, examples, ranks: list[int], records: list[dict] | No
 
 def plot(result: SweepResult, out: Path) -> Path:
     """Validation loss (and exact match) against rank, log-2 x axis, the recommended rank marked; PNG."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .atomic import atomic_write_bytes
+    from .metrics import save_figure
 
     ranks = [r.rank for r in result.rows]
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
@@ -138,12 +136,7 @@ def plot(result: SweepResult, out: Path) -> Path:
         ax2.set_ylim(0, 1)
     ax.legend(loc="upper right")
     ax.set_title(f"rank sweep (tolerance {result.tolerance:g})")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+    return save_figure(fig, out)
 
 
 def _base_model_path(adapter_dir: Path, model: str | None) -> str:
