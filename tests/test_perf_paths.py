@@ -104,16 +104,23 @@ def test_fused_is_skipped_for_dropout_and_several_adapters():
     assert try_fused_forward(drop.eval(), x) is not None
 
 
-def test_tiny_model_loss_and_grads_fused_vs_unfused(tiny_model_dir):
+def _tiny_with_lora(model_dir, b_std: float):
+    """The tiny 4-bit model with an r=8 adapter whose B is random (so the adapter changes the output)."""
     from qlora_kit import add_lora
-    from qlora_kit.loss import causal_lm_loss
 
-    model, tok = load_tiny(tiny_model_dir)
+    model, tok = load_tiny(model_dir)
     torch.manual_seed(0)
     add_lora(model, LoraConfig(r=8, alpha=16))
     for n, p in model.named_parameters():
         if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.02)
+            torch.nn.init.normal_(p, std=b_std)
+    return model, tok
+
+
+def test_tiny_model_loss_and_grads_fused_vs_unfused(tiny_model_dir):
+    from qlora_kit.loss import causal_lm_loss
+
+    model, tok = _tiny_with_lora(tiny_model_dir, b_std=0.02)
     ids = torch.randint(0, 100, (2, 12))
     labels = ids.clone()
     labels[:, :4] = -100
@@ -137,15 +144,9 @@ def test_tiny_model_loss_and_grads_fused_vs_unfused(tiny_model_dir):
 
 
 def test_dequantized_cache_greedy_identical_and_released(tiny_model_dir):
-    from qlora_kit import add_lora
     from qlora_kit.generate import generate
 
-    model, tok = load_tiny(tiny_model_dir)
-    torch.manual_seed(0)
-    add_lora(model, LoraConfig(r=8, alpha=16))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
+    model, tok = _tiny_with_lora(tiny_model_dir, b_std=0.05)
     ids = torch.randint(0, 100, (2, 10))
     with torch.no_grad():
         ref_logits = model(input_ids=ids).logits
