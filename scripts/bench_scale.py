@@ -18,11 +18,9 @@ deleted at the end unless --keep. A benchmark, not a test: run it on a quiet mac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
