@@ -54,3 +54,16 @@ def choose_compute_dtype(requested: str = "auto", device: torch.device | None = 
         dtype, why = torch.float32, "CPU without native bf16: fp32 matmuls are several times faster here"
     log.info("compute dtype auto -> %s (%s)", str(dtype).removeprefix("torch."), why)
     return dtype
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a run may use on ``device``: free GPU memory on CUDA, MemAvailable of /proc/meminfo on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2**63  # unknown: never force checkpointing on

@@ -148,17 +148,19 @@ def evaluate_loss(model, examples: list[Example], batch_size: int, pad_id: int, 
     return total / max(count, 1)
 
 
-def _gradient_checkpointing(config: TrainConfig, model_path: Path, seq_len: int) -> bool:
+def _gradient_checkpointing(config: TrainConfig, model_path: Path, seq_len: int, device: torch.device) -> bool:
+    """"on"/"off" as configured; "auto" turns it on when the plan without it exceeds 80% of free memory."""
     choice = config.training.gradient_checkpointing
     if choice != "auto":
         return choice == "on"
-    try:
-        from .memory import available_memory, plan_memory
-    except ImportError:
-        return False
+    from .hardware import available_memory, choose_compute_dtype
+    from .memory import plan_memory
+
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(choose_compute_dtype(config.model.compute_dtype, device), "fp32")
     plan = plan_memory(str(model_path / "config.json"), seq_len=seq_len, batch=config.training.batch_size,
-                       rank=config.lora.r, optimizer=config.training.optimizer, grad_checkpointing=False)
-    need, have = plan.total_bytes, available_memory()
+                       rank=config.lora.r, optimizer=config.training.optimizer, grad_checkpointing=False,
+                       quant=config.quant, compute_dtype=dtype, device=device.type)
+    need, have = plan.total, available_memory(device)
     log.info("gradient checkpointing auto: the plan without it needs %.1f GiB of %.1f GiB available -> %s",
              need / 2**30, have / 2**30, "on" if need > 0.8 * have else "off")
     return need > 0.8 * have
@@ -197,7 +199,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     fsdp = world > 1 and tc.distributed == "fsdp"
     longest = max(len(e.input_ids) for e in train_set)
-    checkpointing = _gradient_checkpointing(config, model_path, min(longest, config.data.max_seq_len))
+    checkpointing = _gradient_checkpointing(config, model_path, min(longest, config.data.max_seq_len),
+                                           accelerator.device)
     if fsdp:
         from .hardware import choose_compute_dtype
 

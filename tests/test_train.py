@@ -163,3 +163,16 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, ti
     calls["n"] = 0
     skip = _config(tmp_path / "skip", tiny_model_dir, max_steps=5, on_nonfinite="skip")
     assert train(skip, progress=False).status == "completed"
+
+
+def test_gradient_checkpointing_auto_follows_the_memory_plan(tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+
+    import qlora_kit.hardware as hardware
+    from qlora_kit.train import _gradient_checkpointing
+
+    config = _config(tmp_path, tiny_model_dir, gradient_checkpointing="auto")
+    cpu = torch.device("cpu")
+    assert _gradient_checkpointing(config, tiny_model_dir, 64, cpu) is False  # a tiny plan fits in RAM
+    monkeypatch.setattr(hardware, "available_memory", lambda device: 1024)
+    assert _gradient_checkpointing(config, tiny_model_dir, 64, cpu) is True
