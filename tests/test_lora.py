@@ -1,5 +1,4 @@
 """LoraLinear against an independent reference, freezing, targeting and the parameter report."""
-import copy
 
 import bitsandbytes as bnb
 import pytest

@@ -1,5 +1,4 @@
 """NF4 code table, quantization error and storage cost, against independent references."""
-import math
 
 import pytest
 import torch

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qlora_kit import LoraConfig, add_lora
-from qlora_kit.config import TrainConfig, load_train_config
+from qlora_kit.config import load_train_config
 from qlora_kit.data import Example, collate
 from qlora_kit.lora import lora_layers
 from qlora_kit.train import SupervisedLoss, TrainingError, accumulate_gradients, train
