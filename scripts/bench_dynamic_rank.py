@@ -4,7 +4,8 @@ Every run uses the demo's settings (demo_run.demo_config: SmolLM2-135M-Instruct 
 layers, 600 training examples, 1 epoch, batch 8, AdamW lr 2e-4 cosine with 5 warmup steps) and the same
 data and seed. Only the LoRA shape differs:
 
-* fixed rank r: ``alpha = 2r``, so the scale alpha/r is 2 at every rank;
+* fixed rank r: ``alpha = 2r``, so the scale alpha/r is 2 at every rank; with ``--fixed-alpha matched``,
+  ``alpha = 2 * r_max`` (the dynamic adapter's alpha, so both apply the scale 64/r at rank r);
 * dynamic: ``r = 32, r_min = 1, alpha = 64`` and the QDyLoRA scale alpha/b for the active rank b
   (2 at b = 32, 64 at b = 1): exactly what the exported rank-b PEFT adapter (r = b, lora_alpha = 64) applies.
 
@@ -79,6 +80,9 @@ def main() -> int:
                          "instead of SmolLM2 on the demo task (torch AdamW, fp32): a mechanism check in minutes on a "
                          "loaded CPU, not the demo result")
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--fixed-alpha", default="2r", choices=["2r", "matched"],
+                    help="fixed runs' alpha: 2r (scale 2 at every rank) or matched (alpha = 2 * r_max, the dynamic "
+                         "adapter's alpha, so a fixed rank-b run applies the same scale as the dynamic adapter at b)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
@@ -101,7 +105,8 @@ def main() -> int:
     else:
         path = demo_model_path()
 
-    runs = [("dynamic", args.r_max, True)] + [(f"fixed-r{r}", r, False) for r in _ints(args.ranks)]
+    suffix = f"-a{2 * args.r_max}" if args.fixed_alpha == "matched" else ""
+    runs = [("dynamic", args.r_max, True)] + [(f"fixed-r{r}{suffix}", r, False) for r in _ints(args.ranks)]
     if args.order.startswith("fixed"):
         runs = runs[1:] + runs[:1]
     for name, r, dynamic in runs:
@@ -110,7 +115,7 @@ def main() -> int:
             continue
         config = demo_config(path, train_file, eval_file, out / name)
         config.lora.r, config.lora.r_min, config.lora.dynamic_rank = r, args.r_min, dynamic
-        config.lora.alpha = 2.0 * (args.r_max if dynamic else r)
+        config.lora.alpha = 2.0 * (args.r_max if dynamic or args.fixed_alpha == "matched" else r)
         config.training.eval_every, config.training.save_every = 0, 0  # time the training, evaluate once at the end
         config.training.lr = args.lr
         if args.proxy:
