@@ -92,22 +92,53 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, compute_dtype
     if trust_remote_code:
         log.warning("trust_remote_code=True: the checkpoint's own Python code will run")
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, quantization_config=bnb_config(quant, dtype), device_map={"": str(dev)},
-        trust_remote_code=trust_remote_code, use_safetensors=True)
+    if offload == "disk":  # quantize straight into the memory-mapped file: the model is never whole in memory
+        model = _load_disk_offloaded(Path(path), quant, dtype, dev, offload_folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, quantization_config=bnb_config(quant, dtype), device_map={"": str(dev)},
+            trust_remote_code=trust_remote_code, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     prepare_for_kbit_training(model, dtype, gradient_checkpointing)
-    if offload != "none":
+    if offload == "cpu":
         from .offload import offload_base
 
-        offload_base(model, offload, offload_folder)
+        offload_base(model, offload)
     model.qlora_quant = quant  # recorded in saved adapters so a merge can re-quantize identically
     model.qlora_compute_dtype = dtype
     log.info("loaded %s in %s on %s in %.1f s (%.0f MB)", path, _quant_name(quant), dev,
              time.perf_counter() - start, model_bytes(model) / 2**20)
     return model, tokenizer
+
+
+def _load_disk_offloaded(path: Path, quant: QuantConfig, dtype: torch.dtype, dev: torch.device,
+                         folder: str | Path | None) -> nn.Module:
+    """``offload="disk"``: stream-quantize ``path`` into ``folder`` (reused if current) and map the model onto it."""
+    from transformers import GenerationConfig
+
+    from .offload import stream_layers
+    from .offload_build import build_from_folder, quantize_to_folder
+
+    if folder is None:
+        raise ConfigError("model.offload=disk needs a folder for the weight file (offload_folder)")
+    quantize_to_folder(path, folder, quant, dtype)
+    model = build_from_folder(folder, dtype)
+    model.name_or_path = model.config._name_or_path = str(path)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    if dev.type != "cpu":  # small weights to the device; the 4-bit layers stay mapped and are copied per layer
+        for _, module in model.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                if getattr(p, "quant_state", None) is None:
+                    setattr(module, name, nn.Parameter(p.data.to(dev), requires_grad=False))
+            for name, b in module.named_buffers(recurse=False):
+                module.register_buffer(name, b.to(dev))
+        model.tie_weights()
+        stream_layers(model, dev)
+    log.info("model.offload=disk: the frozen weights are memory-mapped from %s", Path(folder) / "weights.bin")
+    return model
 
 
 def _quant_name(quant: QuantConfig) -> str:

@@ -4,8 +4,8 @@
 quant-state absmax tensors) into one flat file, ``<folder>/weights.bin``, with a JSON index
 ``<folder>/index.json`` (name -> offset, nbytes, shape, dtype; nothing is pickled, and nothing is unpickled
 when mapping it back). Both appear atomically (``atomic_dir``). Each ``Params4bit.data`` (and
-``quant_state.absmax`` / ``state2.absmax``) then becomes a view onto one private, read-only-in-practice memory
-map of that file (``torch.from_file(shared=False)``: MAP_PRIVATE, so an accidental in-place write copies a page
+``quant_state.absmax`` / ``state2.absmax``) then becomes a view onto its own private, read-only-in-practice
+memory map of that file (``numpy.memmap(mode="c")``: MAP_PRIVATE, so an accidental in-place write copies a page
 and never reaches the file). The OS pages weights in as layers run and can drop them again under pressure:
 they count as file-backed (RssFile), not anonymous memory. The in-memory originals are released.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -33,11 +34,11 @@ log = logging.getLogger("qlora_kit")
 MODES = ("none", "cpu", "disk")
 INDEX_NAME = "index.json"
 DATA_NAME = "weights.bin"
-FORMAT = "qlora-kit-offload-v1"
+FORMAT = "qlora-kit-offload-v2"  # v2: adds the double-quant offset (and whole-model folders)
 _ALIGN = 64
 
 # quant-state tensors worth storing (the codebooks are 16/256 floats, shared and kept in memory)
-_STATE_FIELDS = (("absmax",), ("state2", "absmax"))
+_STATE_FIELDS = (("absmax",), ("offset",), ("state2", "absmax"))
 
 
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -98,9 +99,7 @@ def offload_base(model: nn.Module, mode: str, folder: str | Path | None = None) 
     if folder is None:
         raise ValueError("model.offload=disk needs a folder for the weight file")
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or set(p.name for p in folder.iterdir()) - {INDEX_NAME, DATA_NAME}):
-        raise ValueError(f"{folder}: exists and is not an offload folder; it would be replaced (give an empty or "
-                         "new folder)")
+    check_replaceable(folder)
     if device.type != "cpu":
         _to_host(layers)
     index, total = _write(layers, folder)
@@ -113,34 +112,68 @@ def offload_base(model: nn.Module, mode: str, folder: str | Path | None = None) 
     return summary
 
 
-def _write(layers, folder: Path) -> tuple[dict, int]:
-    entries, offset = {}, 0
-    with atomic_dir(folder) as tmp:
-        with open(tmp / DATA_NAME, "wb") as f:
-            for name, module in layers:
-                for key, _, _, t in _tensors(name, module):
-                    raw = t.detach().contiguous().view(-1).view(torch.uint8)
-                    pad = -offset % _ALIGN
-                    f.write(b"\0" * pad)
-                    offset += pad
-                    f.write(memoryview(raw.numpy()))
-                    entries[key] = {"offset": offset, "nbytes": raw.numel(), "shape": list(t.shape),
-                                    "dtype": str(t.dtype).removeprefix("torch.")}
-                    offset += raw.numel()
-            f.flush()
-            import os
+def check_replaceable(folder: Path) -> None:
+    """Raise ValueError unless ``folder`` is absent, empty, or an offload folder (the only kind we replace)."""
+    if folder.exists() and (not folder.is_dir() or set(p.name for p in folder.iterdir()) - {INDEX_NAME, DATA_NAME}):
+        raise ValueError(f"{folder}: exists and is not an offload folder; it would be replaced (give an empty or "
+                         "new folder)")
 
-            os.fsync(f.fileno())
-        index = {"format": FORMAT, "total_bytes": offset, "tensors": entries}
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-    return index, offset
+
+class OffloadWriter:
+    """Append tensors to ``<folder>/weights.bin`` (64-byte aligned) and write the JSON index on close.
+
+    Use as a context manager: the folder appears atomically (``atomic_dir``) only if the block completes, so an
+    interrupted write never leaves a half folder behind. ``meta`` entries go into the index next to the tensors.
+    """
+
+    def __init__(self, folder: str | Path, meta: dict | None = None):
+        self.folder, self.meta, self.entries, self.offset = Path(folder), dict(meta or {}), {}, 0
+
+    def __enter__(self) -> "OffloadWriter":
+        self._dir = atomic_dir(self.folder)
+        tmp = self._dir.__enter__()
+        self._tmp, self._file = tmp, open(tmp / DATA_NAME, "wb")
+        return self
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        """Append one tensor's bytes under ``key``."""
+        raw = t.detach().contiguous().view(-1).view(torch.uint8)  # [nbytes]
+        pad = -self.offset % _ALIGN
+        self._file.write(b"\0" * pad)
+        self.offset += pad
+        self._file.write(memoryview(raw.numpy()))
+        self.entries[key] = {"offset": self.offset, "nbytes": raw.numel(), "shape": list(t.shape),
+                             "dtype": str(t.dtype).removeprefix("torch.")}
+        self.offset += raw.numel()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+            self._file.close()
+            if exc_type is None:
+                self.index = {"format": FORMAT, "total_bytes": self.offset, **self.meta, "tensors": self.entries}
+                (self._tmp / INDEX_NAME).write_text(json.dumps(self.index, indent=1) + "\n", encoding="utf-8")
+        finally:
+            self._dir.__exit__(exc_type, exc, tb)
+        return False
+
+
+def _write(layers, folder: Path) -> tuple[dict, int]:
+    with OffloadWriter(folder) as w:
+        for name, module in layers:
+            for key, _, _, t in _tensors(name, module):
+                w.add(key, t)
+    return w.index, w.offset
 
 
 def read_index(folder: str | Path) -> dict:
     """The JSON index of an offload folder (plain ``json.loads``; never pickle)."""
     index = json.loads((Path(folder) / INDEX_NAME).read_text(encoding="utf-8"))
     if index.get("format") != FORMAT:
-        raise ValueError(f"{folder}: not a qlora-kit offload folder (format {index.get('format')!r})")
+        raise ValueError(f"{folder}: not a {FORMAT} offload folder (format {index.get('format')!r}); delete it and "
+                         "let qlora-kit write it again")
     return index
 
 
@@ -156,8 +189,22 @@ def map_offloaded(model: nn.Module, folder: str | Path) -> int:
     return index["total_bytes"]
 
 
+def file_view(path: Path, entry: dict) -> torch.Tensor:
+    """One index entry as a tensor on its own private memory map of ``path`` (copy-on-write, paged in lazily).
+
+    One map per tensor, not one for the file: Linux's default overcommit heuristic refuses a single private
+    writable map larger than RAM + swap, which a 70B-class file is.
+    """
+    import numpy as np
+
+    dtype = getattr(torch, entry["dtype"])
+    if entry["nbytes"] == 0:
+        return torch.empty(entry["shape"], dtype=dtype)
+    raw = np.memmap(path, dtype=np.uint8, mode="c", offset=entry["offset"], shape=(entry["nbytes"],))
+    return torch.from_numpy(raw).view(dtype).view(entry["shape"])  # keeps the map alive as long as it lives
+
+
 def _map(layers, path: Path, index: dict, total: int) -> None:
-    flat = torch.from_file(str(path), shared=False, size=max(total, 1), dtype=torch.uint8)  # lazy MAP_PRIVATE
     entries = index["tensors"]
     for name, module in layers:
         for key, owner, attr, t in _tensors(name, module):
@@ -165,8 +212,7 @@ def _map(layers, path: Path, index: dict, total: int) -> None:
             if e is None or e["shape"] != list(t.shape) or e["dtype"] != str(t.dtype).removeprefix("torch."):
                 raise ValueError(f"{path}: entry {key!r} missing or different from the model "
                                  f"({e and e['shape']} {e and e['dtype']} vs {list(t.shape)} {t.dtype})")
-            view = flat[e["offset"]:e["offset"] + e["nbytes"]].view(t.dtype).view(t.shape)
-            _set(owner, attr, view)  # the original tensor loses its last reference here
+            _set(owner, attr, file_view(path, e))  # the original tensor loses its last reference here
 
 
 def is_file_backed(t: torch.Tensor, path: str | Path) -> bool:

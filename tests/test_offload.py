@@ -226,3 +226,73 @@ def test_refuses_to_replace_a_folder_that_is_not_an_offload_folder(tiny_model_di
     fresh, _ = load_tiny(tiny_model_dir)
     offload_base(fresh, "disk", tmp_path / "off")  # an earlier offload folder is replaced atomically
     assert sorted(p.name for p in (tmp_path / "off").iterdir()) == [INDEX_NAME, DATA_NAME]
+
+
+@pytest.mark.parametrize("compute_dtype", ["fp32", "bf16"])
+def test_streamed_disk_load_equals_the_transformers_4bit_loader(tiny_model_dir, tmp_path, compute_dtype):
+    """load_model(offload="disk") quantizes tensor by tensor into the file; every weight and quant state, and
+    a training step's loss and LoRA gradients, equal those of transformers' in-memory 4-bit load."""
+    ref, _ = load_tiny(tiny_model_dir, compute_dtype=compute_dtype)
+    off, _ = load_tiny(tiny_model_dir, compute_dtype=compute_dtype, offload="disk", offload_folder=tmp_path / "off")
+    ref_params = dict(ref.named_parameters())
+    assert sorted(n for n, _ in off.named_parameters()) == sorted(ref_params)
+    for name, p in off.named_parameters():
+        r = ref_params[name]
+        assert p.dtype == r.dtype and torch.equal(p.data, r.data), name
+        assert is_file_backed(p.data, tmp_path / "off" / DATA_NAME), name  # the head too (tied or not)
+        if is_4bit(off.get_submodule(name.removesuffix(".weight"))):
+            a, b = p.quant_state, r.quant_state
+            assert (a.shape, a.blocksize, a.quant_type, a.dtype) == (b.shape, b.blocksize, b.quant_type, b.dtype)
+            for t, u in ((a.absmax, b.absmax), (a.offset, b.offset), (a.code, b.code),
+                         (a.state2.absmax, b.state2.absmax), (a.state2.code, b.state2.code)):
+                assert torch.equal(t, u), name
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (ref, off):
+        torch.manual_seed(0)
+        add_lora(model, LoraConfig(r=4, alpha=8))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        results.append(_step(model, ids))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+
+
+def test_streamed_folder_is_reused_only_for_the_same_source(tiny_model_dir, tmp_path):
+    from qlora_kit.config import ConfigError
+
+    folder = tmp_path / "off"
+    load_tiny(tiny_model_dir, offload="disk", offload_folder=folder)
+    stamp = (folder / DATA_NAME).stat().st_mtime_ns
+    load_tiny(tiny_model_dir, offload="disk", offload_folder=folder)  # same checkpoint and settings: reused
+    assert (folder / DATA_NAME).stat().st_mtime_ns == stamp
+    index = json.loads((folder / INDEX_NAME).read_text())
+    assert index["source"]["dtype"] == "float32" and "config" in index and index["quant_layers"]
+    load_tiny(tiny_model_dir, compute_dtype="bf16", offload="disk", offload_folder=folder)  # other dtype: rewritten
+    assert json.loads((folder / INDEX_NAME).read_text())["source"]["dtype"] == "bfloat16"
+    with pytest.raises(ConfigError, match="quant.bits"):
+        from qlora_kit.config import QuantConfig
+
+        load_tiny(tiny_model_dir, quant=QuantConfig(bits=8), offload="disk", offload_folder=tmp_path / "o8")
+
+
+def test_streamed_load_names_a_missing_tensor_and_leaves_no_folder(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qlora_kit.config import ConfigError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    shard = next(broken.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    missing = next(k for k in tensors if k.endswith("mlp.down_proj.weight"))
+    del tensors[missing]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=missing.replace(".", r"\.")):
+        load_tiny(broken, offload="disk", offload_folder=tmp_path / "off")
+    assert not (tmp_path / "off").exists()
