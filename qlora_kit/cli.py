@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--strategy", choices=["single", "ddp", "fsdp"], default="single")
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="which framework overhead to add")
     pl.add_argument("--unchunked-loss", action="store_true", help="plan for full-vocabulary logits (HF loss)")
+    pl.add_argument("--offload", choices=["none", "cpu", "disk"], default="none",
+                    help="frozen 4-bit base offloaded (model.offload): also predicts the bytes streamed per step")
+    pl.add_argument("--bandwidth", type=float,
+                    help="with --offload: disk read (or host-to-device) bandwidth in GB/s, to predict the added time")
     pl.set_defaults(func=_cmd_plan)
     return parser
 
@@ -181,8 +185,16 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                        optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing == "on",
                        device_memory=args.device_memory, compute_dtype=args.compute_dtype,
                        chunked_loss=not args.unchunked_loss, devices=args.devices, strategy=args.strategy,
-                       device=args.device)
+                       device=args.device, offload=args.offload)
     print(plan)
+    if args.offload != "none":
+        from .offload_plan import offload_traffic
+
+        cache = 0.0
+        if args.offload == "disk" and plan.device_memory:  # RAM not needed by training's own (anonymous) memory
+            cache = max(0.0, plan.device_memory - (plan.total - plan.rows[0].bytes - plan.rows[1].bytes))
+        print(offload_traffic(args.model, args.offload, args.grad_checkpointing == "on", compute_dtype=args.compute_dtype,
+                              cache_bytes=cache, bandwidth=args.bandwidth * 1e9 if args.bandwidth else None))
     return 0 if plan.fits is not False else 1
 
 
