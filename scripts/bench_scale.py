@@ -14,6 +14,23 @@ deleted at the end unless --keep. A benchmark, not a test: run it on a quiet mac
 
     python scripts/bench_scale.py                      # 13B-class: 40 layers, hidden 5120 (~26 GB bf16)
     python scripts/bench_scale.py --layers 4           # a quick rehearsal (~3 GB)
+
+With ``--offload disk`` it shows the larger-than-memory path instead (defaults: a Llama-3-70B-shaped config,
+fp32 compute, sequence 32, one step):
+
+1. Writes the 4-bit layout directly (``qlora_kit.offload.OffloadWriter``): random NF4 codes for every linear
+   layer with the absmax statistics of a quantized N(0, 0.02) weight of that shape, and random embeddings and
+   head in the compute dtype. No 16-bit checkpoint is ever written.
+2. Measures the disk's cold sequential read bandwidth on that file.
+3. Times steps on the first 2 and 6 decoder layers of the same file (they stay in the page cache): the step
+   time without I/O is ``fixed + layers * per_layer``.
+4. Builds the whole model on the memory-mapped file (``offload_build.build_from_folder``), attaches LoRA to
+   every linear layer and runs ``--steps`` optimizer steps from a cold page cache, recording per step the
+   time, the bytes read from disk (/proc/self/io) and the peak anonymous RSS, next to the planner's
+   prediction (``plan_memory(offload="disk")`` and ``offload_plan.offload_traffic``).
+
+    python scripts/bench_scale.py --offload disk                # 70B-class, about 45 GB on disk
+    python scripts/bench_scale.py --offload disk --layers 8     # a rehearsal (~6 GB)
 """
 from __future__ import annotations
 
@@ -29,19 +46,30 @@ import torch
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("--out", default="/tmp/qlora-kit-scale", help="work folder (checkpoint, adapter, merged model)")
-    p.add_argument("--hidden", type=int, default=5120)
-    p.add_argument("--intermediate", type=int, default=13824)
-    p.add_argument("--layers", type=int, default=40)
-    p.add_argument("--heads", type=int, default=40)
-    p.add_argument("--kv-heads", type=int, default=40)
-    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--offload", default="none", choices=["none", "disk"],
+                   help="disk: write the 4-bit layout directly and train with the base memory-mapped (see above)")
+    p.add_argument("--hidden", type=int, help="default 5120; 8192 with --offload disk")
+    p.add_argument("--intermediate", type=int, help="default 13824; 28672 with --offload disk")
+    p.add_argument("--layers", type=int, help="default 40; 80 with --offload disk")
+    p.add_argument("--heads", type=int, help="default 40; 64 with --offload disk")
+    p.add_argument("--kv-heads", type=int, help="default 40; 8 with --offload disk")
+    p.add_argument("--vocab", type=int, help="default 32000; 128256 with --offload disk")
     p.add_argument("--shard-gb", type=float, default=2.0, help="largest checkpoint shard, GB")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--seq-len", type=int, help="default 64; 32 with --offload disk")
+    p.add_argument("--steps", type=int, help="default 2; 1 with --offload disk")
+    p.add_argument("--compute-dtype", choices=["bf16", "fp32"], help="default bf16; fp32 with --offload disk")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank on every linear layer (alpha = 2 * rank)")
     p.add_argument("--no-merge", action="store_true", help="skip the merge/export phase")
     p.add_argument("--keep", action="store_true", help="keep the multi-GB files")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    big = args.offload == "disk"
+    defaults = dict(hidden=(5120, 8192), intermediate=(13824, 28672), layers=(40, 80), heads=(40, 64),
+                    kv_heads=(40, 8), vocab=(32000, 128256), seq_len=(64, 32), steps=(2, 1),
+                    compute_dtype=("bf16", "fp32"))
+    for name, pair in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, pair[big])
+    return args
 
 
 def llama_config(args: argparse.Namespace):
@@ -118,6 +146,12 @@ def check_disk(out: Path, need: float) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.layers < 2:
+        sys.exit("error: --layers must be at least 2")
+    if args.offload == "disk":
+        from bench_offload import run_offload
+
+        return run_offload(args, llama_config(args))
     from qlora_kit import LoraConfig, add_lora, save_adapter
     from qlora_kit.atomic import atomic_write_json
     from qlora_kit.measure import PhaseRecorder, make_optimizer, read_status, train_steps
@@ -153,7 +187,7 @@ def main(argv=None) -> int:
         model, _ = phase("load 4-bit", load_model, ckpt, compute_dtype=args.compute_dtype,
                          gradient_checkpointing=True, device="cpu")
         result["model_bytes_4bit"] = model_bytes(model)
-        phase("add LoRA", add_lora, model, LoraConfig(r=16, alpha=32))
+        phase("add LoRA", add_lora, model, LoraConfig(r=args.rank, alpha=2 * args.rank))
         model.train()
         opt = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad])
         ids = torch.randint(3, 384, (1, args.seq_len))
