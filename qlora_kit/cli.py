@@ -188,11 +188,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                        device=args.device, offload=args.offload)
     print(plan)
     if args.offload != "none":
-        from .offload_plan import offload_traffic
+        from .offload_plan import offload_traffic, page_cache_for_weights
 
-        cache = 0.0
-        if args.offload == "disk" and plan.device_memory:  # RAM not needed by training's own (anonymous) memory
-            cache = max(0.0, plan.device_memory - (plan.total - plan.rows[0].bytes - plan.rows[1].bytes))
+        cache = page_cache_for_weights(plan, plan.device_memory) if args.offload == "disk" and plan.device_memory else 0
         print(offload_traffic(args.model, args.offload, args.grad_checkpointing == "on", compute_dtype=args.compute_dtype,
                               cache_bytes=cache, bandwidth=args.bandwidth * 1e9 if args.bandwidth else None))
     return 0 if plan.fits is not False else 1

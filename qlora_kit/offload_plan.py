@@ -77,6 +77,15 @@ def offload_traffic(model_or_config, mode: str, grad_checkpointing: bool = True,
     return OffloadTraffic(mode, file_bytes, streamed, cache_bytes, moved, bandwidth, seconds)
 
 
+def page_cache_for_weights(plan, available: float) -> float:
+    """Bytes of ``available`` RAM the page cache can give the mapped weights while ``plan`` trains.
+
+    The plan's first two rows are the 4-bit and the unquantized weights: with disk offload both are file-backed
+    pages, i.e. the cache itself; the rest (LoRA state, activations, transients, overhead) is anonymous memory.
+    """
+    return max(0.0, available - (plan.total - plan.rows[0].bytes - plan.rows[1].bytes))
+
+
 def read_bandwidth(path: str | Path, nbytes: int = 2 << 30, chunk: int = 16 << 20) -> float:
     """Sequential read bandwidth (bytes/s) of the disk under ``path``'s file, from a cold page cache.
 

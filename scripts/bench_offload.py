@@ -114,7 +114,7 @@ def run_offload(args, cfg) -> int:
     from qlora_kit.model import prepare_for_kbit_training
     from qlora_kit.offload import DATA_NAME
     from qlora_kit.offload_build import build_from_folder
-    from qlora_kit.offload_plan import offload_traffic, read_bandwidth
+    from qlora_kit.offload_plan import offload_traffic, page_cache_for_weights, read_bandwidth
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.compute_dtype]
@@ -164,9 +164,9 @@ def run_offload(args, cfg) -> int:
         model = rec.run("build model on the file", build_from_folder, folder, dtype)
         prepare_for_kbit_training(model, dtype, True)
         os.posix_fadvise(os.open(folder / DATA_NAME, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)  # cold cache
-        cache = meminfo("MemAvailable") - plan.total  # what the page cache can give the weights while training
+        cache = page_cache_for_weights(plan, meminfo("MemAvailable"))
         traffic = offload_traffic(cfg.to_dict(), "disk", True, compute_dtype=args.compute_dtype,
-                                  cache_bytes=max(0, cache), bandwidth=result["bandwidth"])
+                                  cache_bytes=cache, bandwidth=result["bandwidth"])
         print(traffic, flush=True)
         result["traffic"] = {**vars(traffic), "first_step_moved": 2 * traffic.streamed_bytes - min(
             traffic.streamed_bytes, traffic.cache_bytes)}
