@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ]; then
   # torch first and pinned: pip finds the 2.13.0 CPU wheel on this machine's disk, while an unpinned
   # "torch" pulled in by another package would download a multi-GB CUDA build.
   python -m pip install -q --disable-pip-version-check "torch==${QLORA_KIT_TORCH:-2.13.0}" 2>&1 | grep -v "is ignored" || true
-  python -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
+  python -W ignore -c "import torch" || { echo "torch failed to install" >&2; exit 1; }
   python -m pip install -q --disable-pip-version-check -e ".[test,bench]" 2>&1 | grep -v "is ignored" || true
   python -c "import qlora_kit, bitsandbytes, peft" || { echo "qlora-kit failed to install" >&2; exit 1; }
   rm -f .venv/.installed-*
