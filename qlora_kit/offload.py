@@ -13,8 +13,8 @@ The folder must be on a real disk: a tmpfs (RAM-backed) folder saves nothing.
 
 ``"cpu"``: on a CPU device this is a no-op (logged). On an accelerator the packed weights stay on the host and
 each 4-bit layer's weights are copied to the device by a forward pre-hook and released by a forward hook
-(per linear layer, synchronous, no prefetch; untested on CUDA). The same hooks also run for ``"disk"`` on an
-accelerator, so the device then only holds the layer being computed.
+(per linear layer; the next one is prefetched on a side CUDA stream; untested on CUDA). The same hooks also
+run for ``"disk"`` on an accelerator, so the device then only holds the layer being computed and the next.
 """
 from __future__ import annotations
 
@@ -243,28 +243,53 @@ def _to_host(layers) -> None:
             state.state2.code = state.state2.code.cpu()
 
 
-def stream_layers(model: nn.Module, device: torch.device | str) -> list:
+def stream_layers(model: nn.Module, device: torch.device | str, prefetch: bool = True) -> list:
     """Forward hooks that copy each 4-bit layer's host weights to ``device`` before it runs, and drop them after.
 
-    Backward (and gradient-checkpointing recompute) keep whatever the forward saved, so gradients are unchanged.
-    Returns the hook handles.
+    With ``prefetch`` the pre-hook of one layer also starts copying the next layer in forward order (on a
+    side CUDA stream when ``device`` is a GPU, so the copy overlaps the compute; a plain copy elsewhere), so
+    at most two layers' weights are on the device. Backward (and gradient-checkpointing recompute) keep
+    whatever the forward saved, so gradients are unchanged. Returns the hook handles.
     """
     device = torch.device(device)
-    handles = []
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    layers = []
     for name, module in _layers(model):
-        host = [(owner, attr, t) for _, owner, attr, t in _tensors(name, module)]
+        tensors = [(owner, attr, t) for _, owner, attr, t in _tensors(name, module)]
         state = module.weight.quant_state
-        small = [(state, "code", state.code)]
+        tensors.append((state, "code", state.code))
         if getattr(state, "nested", False):
-            small += [(state, "offset", state.offset), (state.state2, "code", state.state2.code)]
+            tensors.append((state.state2, "code", state.state2.code))
+        layers.append((module, tensors))
+    pending: dict[int, tuple] = {}  # at most one prefetched layer: index -> (device copies, CUDA event or None)
 
-        def pre(mod, args, host=host, small=small):
-            for owner, attr, t in host + small:
-                _set(owner, attr, t.to(device, non_blocking=True))
+    def start_copy(i: int) -> tuple:
+        if stream is None:
+            return [t.to(device) for _, _, t in layers[i][1]], None
+        with torch.cuda.stream(stream):
+            copies = [t.to(device, non_blocking=True) for _, _, t in layers[i][1]]
+            event = torch.cuda.Event()
+            event.record(stream)
+        return copies, event
 
-        def post(mod, args, output, host=host, small=small):
-            for owner, attr, t in host + small:
-                _set(owner, attr, t)
+    def pre(mod, args, i):
+        copies, event = pending.pop(i, None) or start_copy(i)
+        pending.clear()  # a prefetch the run did not use (the recompute runs layers in reverse order)
+        if event is not None:
+            torch.cuda.current_stream(device).wait_event(event)
+            for t in copies:
+                t.record_stream(torch.cuda.current_stream(device))
+        for (owner, attr, _), t in zip(layers[i][1], copies):
+            _set(owner, attr, t)
+        if prefetch and i + 1 < len(layers):
+            pending[i + 1] = start_copy(i + 1)
 
-        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    def post(mod, args, output, i):
+        for owner, attr, t in layers[i][1]:
+            _set(owner, attr, t)
+
+    handles = []
+    for i, (module, _) in enumerate(layers):
+        handles += [module.register_forward_pre_hook(lambda m, a, i=i: pre(m, a, i)),
+                    module.register_forward_hook(lambda m, a, o, i=i: post(m, a, o, i))]
     return handles

@@ -121,7 +121,8 @@ def test_save_merge_generate_after_offload(tiny_model_dir, tmp_path):
     assert (tmp_path / "merged" / "config.json").is_file()
 
 
-def test_cpu_mode_is_a_noop_and_stream_hooks_keep_results(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_cpu_mode_is_a_noop_and_stream_hooks_keep_results(tiny_model_dir, tmp_path, prefetch):
     ids = torch.randint(0, 384, (1, 10), generator=torch.Generator().manual_seed(2))
     ref, _ = _lora_model(tiny_model_dir)
     loss_ref, grads_ref = _step(ref, ids)
@@ -129,7 +130,7 @@ def test_cpu_mode_is_a_noop_and_stream_hooks_keep_results(tiny_model_dir, tmp_pa
     assert offload_base(model, "cpu")["bytes"] == 0
     assert offload_base(model, "none")["bytes"] == 0
     offload_base(model, "disk", tmp_path / "off")
-    handles = stream_layers(model, "cpu")  # the accelerator path, as a cpu->cpu copy
+    handles = stream_layers(model, "cpu", prefetch=prefetch)  # the accelerator path, as a cpu->cpu copy
     assert len(handles) == 2 * 14
     loss, grads = _step(model, ids)
     assert torch.equal(loss, loss_ref)
