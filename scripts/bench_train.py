@@ -7,7 +7,7 @@ subprocesses, one after another:
   ours          qlora_kit.train.train with its defaults (compute dtype auto, checkpointing auto, adamw_8bit)
   peer-default  TRL SFTTrainer + PEFT + bnb NF4 + double quant, the standard QLoRA recipe: bf16 compute
                 (bf16=True), prepare_model_for_kbit_training with gradient checkpointing, adamw_torch;
-                timed over --peer-default-steps steps (4) unless 0 is given: on a CPU without native bf16
+                timed over --peer-default-steps steps (2, no validation) unless 0 is given: on a CPU without native bf16
                 it runs ~5 tokens/s, and a full epoch would take hours
   peer-best     the same stack, no checkpointing, compute dtype fp32 or bf16: on a CPU with native bf16 a
                 short probe of both picks the faster, otherwise fp32 (or --peer-best-dtype fixes it)
@@ -255,7 +255,8 @@ def worker_peer(args) -> dict:
     return {"dtype": args.dtype, "checkpointing": args.checkpointing, "steps": trainer.state.global_step,
             "tokens": counts["tokens"], "supervised": counts["supervised"], "train_s": timer.seconds,
             "losses": losses, "lora_params": lora_params,
-            "val_loss": validation_loss(model, evals, tokenizer.pad_token_id, autocast_bf16=args.dtype == "bf16"),
+            "val_loss": float("nan") if args.no_eval else
+            validation_loss(model, evals, tokenizer.pad_token_id, autocast_bf16=args.dtype == "bf16"),
             **peaks}
 
 
@@ -279,6 +280,8 @@ def launch(name: str, kind: str, args, out: Path, data: Path, model: Path, **ext
            "--max-steps", str(extra.get("max_steps", args.max_steps)), "--threads", str(args.threads)]
     if kind == "peer":
         cmd += ["--dtype", extra["dtype"]] + (["--checkpointing"] if extra["checkpointing"] else [])
+    if extra.get("no_eval"):
+        cmd.append("--no-eval")
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[2:])}", flush=True)
     t = time.perf_counter()
     with open(out / "log.txt", "w") as log:
@@ -305,7 +308,7 @@ def main() -> int:
     p.add_argument("--eval-examples", type=int, default=100)
     p.add_argument("--max-steps", type=int, default=0, help="optimizer steps per run (0: one epoch)")
     p.add_argument("--runs", default="ours,peer-default,peer-best")
-    p.add_argument("--peer-default-steps", type=int, default=4,
+    p.add_argument("--peer-default-steps", type=int, default=2,
                    help="optimizer steps of the peer-default run (0: as many as the others). Its bf16 recipe runs "
                         "~5 tokens/s on a CPU without native bf16, so by default it is timed, not trained to the end; "
                         "the quality gate then compares with peer-best")
@@ -324,6 +327,7 @@ def main() -> int:
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-eval", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         run_worker(args)
@@ -338,14 +342,17 @@ def main() -> int:
     write_demo_dataset(data, n_train=args.examples, n_eval=args.eval_examples)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     flags = open("/proc/cpuinfo").read()
-    peaks = {d: gemm_peak(d, args.threads) for d in ("fp32", "bf16")}
+    native_bf16 = "amx_bf16" in flags or "avx512_bf16" in flags
+    # without native bf16, torch's bf16 GEMM is a slow fallback (a 2048² matmul took 52 s on a 2-core AVX2 CPU):
+    # measure its peak on a smaller matrix, fewer times, so the benchmark stays inside its time budget
+    gemm = {"fp32": {}, "bf16": {} if native_bf16 else {"n": 512, "reps": 3}}
+    peaks = {d: gemm_peak(d, args.threads, **gemm[d]) for d in ("fp32", "bf16")}
     print(f"machine: {cpu}, {os.cpu_count()} CPUs, AMX-BF16 {'amx_bf16' in flags}, AVX512-BF16 {'avx512_bf16' in flags}; "
-          f"GEMM peak (2048², {args.threads} thread(s), best of 7): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; "
+          f"GEMM peak (2048², bf16 512² without native bf16; {args.threads} thread(s)): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; "
           f"load average {load_average()}", flush=True)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     results: dict[str, dict] = {}
     best_dtype, probe = args.peer_best_dtype, {}
-    native_bf16 = "amx_bf16" in flags or "avx512_bf16" in flags
     if best_dtype == "auto":
         best_dtype = "probe" if native_bf16 else "fp32"
         if not native_bf16:
@@ -363,10 +370,11 @@ def main() -> int:
             results[name] = launch(name, "ours", args, out / name, data, model)
         elif name == "peer-default":
             results[name] = launch(name, "peer", args, out / name, data, model, dtype="bf16", checkpointing=True,
-                                   max_steps=args.peer_default_steps or args.max_steps)
+                                   max_steps=args.peer_default_steps or args.max_steps,
+                                   no_eval=bool(args.peer_default_steps))  # timed only: its bf16 eval takes minutes
         elif name == "peer-best":
             results[name] = launch(name, "peer", args, out / name, data, model, dtype=best_dtype, checkpointing=False)
-    peaks_after = {d: gemm_peak(d, args.threads) for d in ("fp32", "bf16")}
+    peaks_after = {d: gemm_peak(d, args.threads, **gemm[d]) for d in ("fp32", "bf16")}
     peaks = {d: max(peaks[d], peaks_after[d]) for d in peaks}
 
     counts = flop_counts(model, next(iter(results.values()))["lora_params"])
