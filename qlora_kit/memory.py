@@ -278,17 +278,24 @@ class _Parts:
     layers: int  # decoder layers
 
 
+def frozen_bytes(arch: Architecture, quant: QuantConfig, dtype_bytes: int) -> tuple[float, float]:
+    """(quantized block linears of all layers, unquantized weights: embeddings, head, norms, biases) in bytes."""
+    w4 = arch.layers * sum(quantized_bytes(a * b, quant, dtype_bytes) + (4 * b if quant.bits == 8 else 0)
+                           for a, b in arch.linears().values())
+    bias = arch.layers * (arch.heads + 2 * arch.kv_heads) * arch.head_dim if arch.qkv_bias else 0
+    unq = dtype_bytes * (arch.vocab * arch.hidden * (1 if arch.tied else 2)
+                         + (arch.norms_per_layer * arch.layers + 1) * arch.hidden + bias)
+    return w4, unq
+
+
 def _weight_parts(arch: Architecture, s: dict, lora_names: list[str], n_dev: int) -> dict:
     cb, quant = _DTYPE_BYTES[s["compute_dtype"]], s["quant"]
     lin = arch.linears()
     dq = dataclasses.replace(quant, double_quant=not quant.double_quant)
-    w4 = arch.layers * sum(quantized_bytes(a * b, quant, cb) + (4 * b if quant.bits == 8 else 0) for a, b in lin.values())
+    w4, unq = frozen_bytes(arch, quant, cb)
     w4_alt = arch.layers * sum(quantized_bytes(a * b, dq, cb) for a, b in lin.values())
     if s.get("offload", "none") != "none":  # offloaded: the layer running and the next one are resident
         w4, w4_alt = (x * min(2, arch.layers) / arch.layers for x in (w4, w4_alt))
-    bias = arch.layers * (arch.heads + 2 * arch.kv_heads) * arch.head_dim if arch.qkv_bias else 0
-    unq = cb * (arch.vocab * arch.hidden * (1 if arch.tied else 2) + (arch.norms_per_layer * arch.layers + 1)
-                * arch.hidden + bias)
     sizes = [s["rank"] * x for _ in range(arch.layers) for name in lora_names for x in lin[name]]
     P = sum(sizes)
     opt_alt = "adamw" if s["optimizer"].endswith("8bit") else "adamw_8bit"

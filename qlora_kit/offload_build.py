@@ -11,7 +11,6 @@ checkpoint tensor plus its quantized copy, whatever the model size: a 70B-class 
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -68,7 +67,7 @@ def quantize_to_folder(checkpoint: str | Path, folder: str | Path, quant: QuantC
             if index.get("source") == source:
                 log.info("model.offload=disk: reusing %s (written from the same checkpoint and settings)", folder)
                 return index
-        except (ValueError, OSError, json.JSONDecodeError):
+        except (ValueError, OSError):  # unreadable or other format (JSONDecodeError is a ValueError): rewrite
             pass
     check_replaceable(folder)
     config = AutoConfig.from_pretrained(str(checkpoint))
@@ -88,11 +87,12 @@ def quantize_to_folder(checkpoint: str | Path, folder: str | Path, quant: QuantC
                     raw = f.get_tensor(key)
                     bar.update(raw.numel() * raw.element_size())
                     t = raw.to(dtype)
-                    if key.endswith(".weight") and key.removesuffix(".weight") in linears:
+                    module = key.removesuffix(".weight")
+                    if module != key and module in linears:
                         packed, state = bnbF.quantize_4bit(t.contiguous(), blocksize=quant.blocksize,
                                                            compress_statistics=quant.double_quant,
                                                            quant_type=quant.quant_type)
-                        add_4bit(w, key.removesuffix(".weight"), packed, state)
+                        add_4bit(w, module, packed, state)
                     else:
                         w.add(key, t)
                     needed.discard(key)

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import QuantConfig
-from .memory import _DTYPE_BYTES, architecture, quantized_bytes
-
+from .memory import _DTYPE_BYTES, architecture, frozen_bytes
 
 
 @dataclass
@@ -32,6 +31,13 @@ class OffloadTraffic:
     moved_bytes: float  # predicted bytes read from disk / copied to the device per micro-step
     bandwidth: float | None  # bytes/s of the disk (or host-to-device link), if known
     seconds: float | None  # moved_bytes / bandwidth: the time added to a step if nothing overlaps it
+
+    @property
+    def first_step_bytes(self) -> float:
+        """Bytes moved by the first micro-step: from a cold page cache the forward pass reads everything."""
+        if self.mode == "cpu":
+            return self.moved_bytes
+        return 2 * self.streamed_bytes - min(self.streamed_bytes, self.cache_bytes)
 
     def slowdown(self, compute_seconds: float) -> float:
         """Predicted step time with offload over the step time without it (``compute_seconds``)."""
@@ -61,17 +67,14 @@ def offload_traffic(model_or_config, mode: str, grad_checkpointing: bool = True,
     if mode not in ("cpu", "disk"):
         raise ValueError(f"offload mode {mode!r}: use cpu or disk")
     arch = architecture(model_or_config)
-    quant = quant or QuantConfig()
     cb = _DTYPE_BYTES[compute_dtype]
-    w4 = arch.layers * sum(quantized_bytes(a * b, quant, cb) for a, b in arch.linears().values())
+    w4, unquantized = frozen_bytes(arch, quant or QuantConfig(), cb)
     head = cb * arch.vocab * arch.hidden
     if mode == "cpu":
         file_bytes, streamed = w4, w4
         moved = w4 * (2 if grad_checkpointing else 1)
-    else:
-        embed = 0 if arch.tied else head  # the input embedding: only the batch's rows are read
-        file_bytes = w4 + head + embed + cb * (arch.norms_per_layer * arch.layers + 1) * arch.hidden
-        streamed = w4 + head
+    else:  # the file holds everything; of the input embedding only the batch's rows are read
+        file_bytes, streamed = w4 + unquantized, w4 + head
         moved = 2 * max(0.0, streamed - cache_bytes)
     seconds = moved / bandwidth if bandwidth else None
     return OffloadTraffic(mode, file_bytes, streamed, cache_bytes, moved, bandwidth, seconds)
@@ -89,13 +92,13 @@ def page_cache_for_weights(plan, available: float) -> float:
 def read_bandwidth(path: str | Path, nbytes: int = 2 << 30, chunk: int = 16 << 20) -> float:
     """Sequential read bandwidth (bytes/s) of the disk under ``path``'s file, from a cold page cache.
 
-    The file's cached pages are dropped first (``posix_fadvise(DONTNEED)``; clean pages only, no root needed),
-    and dropped again afterwards so the measurement leaves the cache as cold as it found it.
+    The file's cached pages are dropped first (``drop_page_cache``), and dropped again afterwards so the
+    measurement leaves the cache as cold as it found it.
     """
+    drop_page_cache(path)
     fd = os.open(path, os.O_RDONLY)
     try:
         size = min(nbytes, os.fstat(fd).st_size)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         start, done = time.perf_counter(), 0
         while done < size:
             got = len(os.pread(fd, min(chunk, size - done), done))
@@ -103,7 +106,16 @@ def read_bandwidth(path: str | Path, nbytes: int = 2 << 30, chunk: int = 16 << 2
                 break
             done += got
         seconds = time.perf_counter() - start
+    finally:
+        os.close(fd)
+    drop_page_cache(path)
+    return done / seconds
+
+
+def drop_page_cache(path: str | Path) -> None:
+    """Ask the kernel to drop ``path``'s cached pages (``posix_fadvise(DONTNEED)``: clean pages, no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-    return done / seconds

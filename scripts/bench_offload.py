@@ -27,15 +27,6 @@ def io_counters() -> dict:
     return {"read_bytes": read, "major_faults": resource.getrusage(resource.RUSAGE_SELF).ru_majflt}
 
 
-def meminfo(field: str) -> int:
-    """A /proc/meminfo field in bytes (MemAvailable, Cached, ...)."""
-    with open("/proc/meminfo", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def rss_file() -> int:
     with open("/proc/self/status", encoding="ascii") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssFile:"))
@@ -114,7 +105,8 @@ def run_offload(args, cfg) -> int:
     from qlora_kit.model import prepare_for_kbit_training
     from qlora_kit.offload import DATA_NAME
     from qlora_kit.offload_build import build_from_folder
-    from qlora_kit.offload_plan import offload_traffic, page_cache_for_weights, read_bandwidth
+    from qlora_kit.hardware import available_memory
+    from qlora_kit.offload_plan import drop_page_cache, offload_traffic, page_cache_for_weights, read_bandwidth
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.compute_dtype]
@@ -163,13 +155,12 @@ def run_offload(args, cfg) -> int:
 
         model = rec.run("build model on the file", build_from_folder, folder, dtype)
         prepare_for_kbit_training(model, dtype, True)
-        os.posix_fadvise(os.open(folder / DATA_NAME, os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)  # cold cache
-        cache = page_cache_for_weights(plan, meminfo("MemAvailable"))
+        drop_page_cache(folder / DATA_NAME)  # the whole step from a cold cache
+        cache = page_cache_for_weights(plan, available_memory(torch.device("cpu")))
         traffic = offload_traffic(cfg.to_dict(), "disk", True, compute_dtype=args.compute_dtype,
                                   cache_bytes=cache, bandwidth=result["bandwidth"])
         print(traffic, flush=True)
-        result["traffic"] = {**vars(traffic), "first_step_moved": 2 * traffic.streamed_bytes - min(
-            traffic.streamed_bytes, traffic.cache_bytes)}
+        result["traffic"] = {**vars(traffic), "first_step_moved": traffic.first_step_bytes}
         result["step_predicted"] = compute + traffic.seconds
         save()
         result["steps"] = time_steps(model, args.steps, ids, args.rank, rec=rec, label="70B-class step"

@@ -27,6 +27,8 @@ def test_disk_mode_reads_what_the_page_cache_cannot_hold_twice_per_step():
     assert cold.seconds == pytest.approx(cold.moved_bytes / 2e9)
     part = offload_traffic(BIG, "disk", compute_dtype="bf16", cache_bytes=20e9, bandwidth=2e9)
     assert part.moved_bytes == pytest.approx(2 * (w4 + head - 20e9))
+    assert cold.first_step_bytes == pytest.approx(2 * (w4 + head))  # cold: forward reads all, backward all again
+    assert part.first_step_bytes == pytest.approx(2 * (w4 + head) - 20e9)  # backward finds the forward's tail
     assert part.slowdown(100.0) == pytest.approx((100.0 + part.seconds) / 100.0)
     assert offload_traffic(BIG, "disk", cache_bytes=1e12).moved_bytes == 0
     assert "GB moved per micro-step" in str(part)
