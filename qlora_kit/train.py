@@ -168,13 +168,15 @@ def _gradient_checkpointing(config: TrainConfig, model_path: Path, seq_len: int,
 
 def _prepare_output(out: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from; refuses to overwrite an earlier run unless resuming."""
+    from .checkpoint import resume_checkpoint
+
     ckpt = latest_checkpoint(out / "checkpoints")
     if ckpt is None and resume:
         log.info("--resume: no checkpoint in %s yet; starting from step 0", out)
     if ckpt is not None and not resume:
         raise ConfigError(f"training.output_dir {str(out)!r} already holds a run (checkpoint {ckpt.name}); pass "
                           "--resume to continue it, or choose another output_dir")
-    return ckpt if resume else None
+    return resume_checkpoint(out / "checkpoints") if resume and ckpt is not None else None
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None) -> TrainResult:
