@@ -106,7 +106,8 @@ def _rotate(root: Path, newest: Path, keep: int) -> None:
     abandoned = [p for p in found if _step_of(p) > _step_of(newest)]
     for old in abandoned + [p for p in found if p not in abandoned][:-keep]:
         if old in abandoned:
-            log.info("removing %s: it is past %s, from before this run resumed from an earlier checkpoint", old, newest.name)
+            log.info("removing %s: it is past %s, from before this run resumed from an earlier checkpoint",
+                     old, newest.name)
         trash = old.with_name(f".{old.name}.deleting")  # renamed first: a kill mid-delete leaves no step-* remnant
         os.replace(old, trash)
         shutil.rmtree(trash, ignore_errors=True)
@@ -176,7 +177,8 @@ def _optimizer_parts(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except (TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(folder, f"{OPTIMIZER_STRUCTURE}: malformed ({_short(e)})") from None
     if not (isinstance(state, dict) and "state" in state and "param_groups" in state):
-        raise CheckpointError(folder, f"{OPTIMIZER_STRUCTURE}: not an optimizer state (no \"state\" and \"param_groups\")")
+        raise CheckpointError(folder, f"{OPTIMIZER_STRUCTURE}: not an optimizer state "
+                                      "(no \"state\" and \"param_groups\")")
     return state, tensors
 
 
@@ -262,7 +264,8 @@ def _verify(folder: Path) -> list[str]:
         for name in REQUIRED:
             if name not in listed:
                 flagged.add(name)
-                problems.append(f"{name}: not listed in {MANIFEST_FILE}" + ("" if (folder / name).is_file() else " (and missing)"))
+                missing = "" if (folder / name).is_file() else " (and missing)"
+                problems.append(f"{name}: not listed in {MANIFEST_FILE}{missing}")
     for names, check in _CONTENT_CHECKS:
         if flagged.isdisjoint(names):
             try:
@@ -272,7 +275,8 @@ def _verify(folder: Path) -> list[str]:
             if problem:
                 problems.append(problem)
     if listed is None and STATE_FILE not in flagged and load_trainer_state(folder).get("manifest_version"):
-        problems.append(f"{MANIFEST_FILE}: missing, but this checkpoint was written with one (deleted or copied incompletely)")
+        problems.append(f"{MANIFEST_FILE}: missing, but this checkpoint was written with one "
+                        "(deleted or copied incompletely)")
     return problems
 
 
