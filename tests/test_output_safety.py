@@ -3,6 +3,7 @@ scripts and Python API, symlinks included), --overwrite replaces only an earlier
 outputs get the user's normal permissions."""
 import importlib.util
 import os
+import runpy
 import shutil
 import stat
 from pathlib import Path
@@ -133,7 +134,6 @@ def test_scripts_refuse_an_out_that_is_the_base(w, capsys, script, monkeypatch):
     if script == "merge_adapter.py":  # its __main__ hands sys.argv to the CLI
         monkeypatch.setattr("sys.argv", [script, *args])
         with pytest.raises(SystemExit) as done:
-            import runpy
             runpy.run_path(str(SCRIPTS / script), run_name="__main__")
         rc = done.value.code
     else:
@@ -147,10 +147,9 @@ def test_scripts_refuse_an_out_that_is_the_base(w, capsys, script, monkeypatch):
 
 
 def test_symlinks_to_an_input_are_seen_through(w, capsys):
-    before_links = {"to-base": w / "models" / "base", "to-run": w / "run"}
-    for name, target in before_links.items():
+    links = {"to-base": w / "models" / "base", "to-run": w / "run", "alias": w / "run" / "adapter"}
+    for name, target in links.items():
         (w / name).symlink_to(target, target_is_directory=True)
-    (w / "alias").symlink_to(w / "run" / "adapter", target_is_directory=True)
     before = _snapshot(w)
     # --out is a symlink whose target is the base
     _refused(capsys, main(_merge_args(w, w / "to-base", "--overwrite")), "is the input --base")
