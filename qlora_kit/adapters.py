@@ -91,8 +91,10 @@ def save_adapter(model: nn.Module, out_dir: str | Path, name: str = "default", r
 
     ``rank`` exports a dynamic-rank adapter truncated to its first ``rank`` components, as an ordinary
     rank-``rank`` LoRA. ``extra_files`` maps file names to text written beside the adapter. Returns the folder.
+    An existing ``out_dir`` is replaced only if it is an adapter folder (holds adapter_config.json) or empty;
+    anything else raises FileExistsError.
     """
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, ours=(CONFIG_FILE,), kind="adapter") as tmp:
         write_adapter_files(tmp, model, name, rank, base_model_name_or_path)
         for fname, text in (extra_files or {}).items():
             (tmp / fname).write_text(text)

@@ -81,7 +81,7 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     # bitsandbytes' 8-bit optimizers share one quantization map (qmap1/qmap2) between parameters, and
     # safetensors refuses tensors that share memory: give every saved tensor its own storage
     tensors = {k: t.clone() for k, t in tensors.items()}
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, ours=(STATE_FILE,), kind="checkpoint") as tmp:
         write_adapter_files(tmp, model)
         (tmp / OPTIMIZER_TENSORS).write_bytes(safetensors_bytes(tensors))
         (tmp / OPTIMIZER_STRUCTURE).write_text(json.dumps(structure))

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the checkpoint's)")
     mg.add_argument("--requantize", choices=["nf4", "fp4"],
                     help="save a 4-bit model; the report says how much of the adapter survives (exit 3 if lost)")
-    mg.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    mg.add_argument("--overwrite", action="store_true", help="replace an earlier merge output at --out")
     mg.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the merged model")
     mg.add_argument("--eval-file", help="JSONL records: report eval loss of 4-bit + adapter and of both merges")
     mg.add_argument("--rank", type=int, help="merge only the first RANK components (dynamic-rank adapters)")
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--adapter", required=True, help="the adapter folder to shrink")
     rs.add_argument("--out", required=True, help="folder for the smaller adapter")
     rs.add_argument("--rank", type=int, required=True, help="the new rank (at most the adapter's)")
-    rs.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    rs.add_argument("--overwrite", action="store_true", help="replace an earlier resize output at --out")
     rs.set_defaults(func=_cmd_adapter_resize)
 
     from .rank_sweep import add_parser as add_rank_sweep_parser

@@ -67,7 +67,7 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     model.config.quantization_config = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, ours=("config.json",), kind="converted model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return out

@@ -27,14 +27,16 @@ import torch
 from safetensors import safe_open
 
 from .adapters import AdapterFile, read_adapter
-from .atomic import atomic_dir, atomic_write_json
+from .atomic import atomic_dir, atomic_write_json, check_replaceable
 from .config import ConfigError, QuantConfig
 from .model import check_model_path
+from .paths import check_output_path
 from .quant import quantize_roundtrip
 
 log = logging.getLogger("qlora_kit")
 
 INDEX_FILE = "model.safetensors.index.json"
+MERGE_OURS = ("merge_report.json",)  # every merge output holds it: --overwrite may replace only such a folder
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 OUT_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -401,7 +403,8 @@ def merge_and_export(base: str | Path, adapter: str | Path, out: str | Path, mer
         merge_base: "dequantized" adds ΔW to dequant(quant(W)), the weight training saw; "original" to W.
         dtype: output dtype "bf16", "fp16" or "fp32"; default: the checkpoint's.
         requantize: "nf4" (or "fp4") also re-quantizes the merged model to 4-bit and saves that instead.
-        overwrite: replace an existing ``out`` (otherwise FileExistsError).
+        overwrite: replace an existing ``out`` that is an earlier merge output (holds merge_report.json);
+            anything else is never replaced (FileExistsError).
         verify: reload the output, compare logits and greedy generations with the 4-bit base + adapter, and
             fail when a dequantized fp32 merge is off by more than ``verify.FP32_RTOL``.
         prompts: the prompts verification runs (default: ``verify.DEFAULT_PROMPTS``).
@@ -412,12 +415,13 @@ def merge_and_export(base: str | Path, adapter: str | Path, out: str | Path, mer
     Returns:
         The report also written to ``out/merge_report.json``.
     Raises:
-        MergeError (a ConfigError) for inputs that do not fit, before anything is written; FileExistsError;
+        MergeError (a ConfigError) for inputs that do not fit, before anything is written; paths.OutputPathError
+        (a ConfigError) for an ``out`` that is, contains or lies inside an input; FileExistsError;
         verify.VerificationError when the merged model does not reproduce the adapter model (nothing is kept).
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    check_output_path(out, {"--base": base, "--adapter": adapter, "--eval-file": eval_file})
+    check_replaceable(out, overwrite, MERGE_OURS, "merge")
     if requantize not in (None, "nf4", "fp4"):
         raise MergeError(f"requantize={requantize!r}: use 'nf4' or 'fp4' (or leave it off for a 16/32-bit export)")
     if eval_file is not None and not Path(eval_file).is_file():
@@ -427,7 +431,7 @@ def merge_and_export(base: str | Path, adapter: str | Path, out: str | Path, mer
     if requantize:
         plan.requantize = dataclasses.replace(plan.quant, bits=4, quant_type=requantize)
     start = time.perf_counter()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, ours=MERGE_OURS, kind="merge") as tmp:
         written = _write(plan, tmp, limit, progress)
         from .verify import build_report, verify_export
 

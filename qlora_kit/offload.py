@@ -130,7 +130,7 @@ class OffloadWriter:
         self.folder, self.meta, self.entries, self.offset = Path(folder), dict(meta or {}), {}, 0
 
     def __enter__(self) -> "OffloadWriter":
-        self._dir = atomic_dir(self.folder)
+        self._dir = atomic_dir(self.folder, ours=(INDEX_NAME, DATA_NAME), kind="offload")
         tmp = self._dir.__enter__()
         self._tmp, self._file = tmp, open(tmp / DATA_NAME, "wb")
         return self

@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import ConfigError, QuantConfig
 from .offload import DATA_NAME, OffloadWriter, check_replaceable, file_view, read_index
+from .paths import check_output_path
 
 log = logging.getLogger("qlora_kit")
 
@@ -69,6 +70,7 @@ def quantize_to_folder(checkpoint: str | Path, folder: str | Path, quant: QuantC
                 return index
         except (ValueError, OSError):  # unreadable or other format (JSONDecodeError is a ValueError): rewrite
             pass
+    check_output_path(folder, {"model": checkpoint}, "offload folder")
     check_replaceable(folder)
     config = AutoConfig.from_pretrained(str(checkpoint))
     model = skeleton(config, dtype)

@@ -163,6 +163,21 @@ def parse_ranks(text: str | None, r_max: int) -> list[int]:
     return ranks
 
 
+def _output_folder(args: argparse.Namespace, adapter_dir: Path, base: str) -> Path:
+    """The folder for the sweep's report, after refusing a --out or --export that would change an input."""
+    from .adapters import CONFIG_FILE
+    from .atomic import check_replaceable
+    from .paths import check_output_path
+
+    out = Path(args.out) if args.out else adapter_dir.parent / "rank_sweep"
+    inputs = {"--adapter": adapter_dir, "--data": args.data, "--model": base}
+    check_output_path(out, inputs)
+    if args.export:
+        check_output_path(args.export, inputs, "--export")
+        check_replaceable(args.export, True, (CONFIG_FILE,), "adapter")  # what save_adapter will allow, checked now
+    return out
+
+
 def run_rank_sweep(args: argparse.Namespace) -> int:
     """``qlora-kit rank-sweep``: load the base and the adapter, sweep, print, write JSON and plot, maybe export."""
     from .adapters import load_adapter, read_adapter, save_adapter
@@ -174,6 +189,8 @@ def run_rank_sweep(args: argparse.Namespace) -> int:
 
     adapter_dir = Path(args.adapter)
     info = read_adapter(adapter_dir)  # errors for a missing or malformed adapter before any weight is loaded
+    base = _base_model_path(adapter_dir, args.model)
+    out = _output_folder(args, adapter_dir, base)
     ranks = parse_ranks(args.ranks, info.config.r)
     if not info.config.dynamic_rank:
         log.warning("%s was not trained with dynamic rank: its truncations were never trained, so expect loss to "
@@ -187,7 +204,7 @@ def run_rank_sweep(args: argparse.Namespace) -> int:
         if not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in records):
             raise ConfigError(f"{args.data}: --task-metric exact_match needs alpaca records with instruction and output")
         records = records[: args.task_examples] if args.task_examples else records
-    model, tokenizer = load_model(resolve_model_path(_base_model_path(adapter_dir, args.model)),
+    model, tokenizer = load_model(resolve_model_path(base),
                                   compute_dtype=args.compute_dtype)
     load_adapter(model, adapter_dir)
     data_cfg = DataConfig(train_file=str(args.data), format=args.format, max_seq_len=args.max_seq_len)
@@ -195,7 +212,6 @@ def run_rank_sweep(args: argparse.Namespace) -> int:
     result = sweep(model, tokenizer, examples, ranks, records, batch_size=args.batch_size,
                    max_seq_len=args.max_seq_len, tolerance=args.tolerance)
     result.adapter = str(adapter_dir)
-    out = Path(args.out) if args.out else adapter_dir.parent / "rank_sweep"
     out.mkdir(parents=True, exist_ok=True)
     report = {**asdict(result), "data": str(args.data), "examples": len(examples),
               "task_examples": len(records) if records else 0,

@@ -15,9 +15,12 @@ import torch
 from safetensors.torch import save_file
 
 from .adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE, read_adapter
-from .atomic import atomic_dir, atomic_write_json
+from .atomic import atomic_dir, atomic_write_json, check_replaceable
 from .config import ConfigError
 from .merge import TOKENIZER_FILES
+from .paths import check_output_path
+
+RESIZE_OURS = ("resize_report.json",)  # every resized adapter holds it: --overwrite may replace only such a folder
 
 
 def factor_svd(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -50,9 +53,13 @@ def adapter_resize(adapter_dir: str | Path, out_dir: str | Path, rank: int, over
     rsLoRA); modules_to_save copies and a tokenizer saved beside the adapter are carried over.
     Returns ``{"rank", "alpha", "layers": {module: energy kept}, "min_energy_kept", "mean_energy_kept"}``,
     also written to ``out_dir/resize_report.json``.
-    Raises ConfigError for a rank outside [1, r]; FileExistsError for an existing ``out_dir`` without overwrite.
+    Raises ConfigError for a rank outside [1, r], or (paths.OutputPathError) for an ``out_dir`` that is, contains
+    or lies inside ``adapter_dir``; FileExistsError for an existing ``out_dir`` without overwrite, or one that is
+    not an earlier resize output (no resize_report.json), which is never replaced.
     """
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    check_output_path(out_dir, {"--adapter": adapter_dir})
+    check_replaceable(out_dir, overwrite, RESIZE_OURS, "adapter-resize")
     ad = read_adapter(adapter_dir)
     cfg = ad.config
     if not 1 <= rank <= cfg.r:
@@ -86,7 +93,7 @@ def _write(src: Path, out: Path, tensors: dict, meta: dict, rank: int, alpha: fl
         meta["lora"] = {**meta["lora"], "r": rank, "alpha": alpha, "dynamic_rank": False}
     meta["exported_rank"] = rank
     meta["resized_from"] = report["from_rank"]
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, ours=RESIZE_OURS, kind="adapter-resize") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "qlora_kit": json.dumps(meta)})
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
         for name in TOKENIZER_FILES:

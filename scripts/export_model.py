@@ -11,6 +11,8 @@ import argparse
 import sys
 
 from qlora_kit import merge_and_export
+from qlora_kit.atomic import WriteError
+from qlora_kit.config import ConfigError
 from qlora_kit.verify import format_summary
 
 
@@ -25,8 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-verify", action="store_true")
     args = p.parse_args(argv)
-    report = merge_and_export(args.base, args.adapter, args.out, merge_base=args.merge_base, dtype=args.dtype,
-                              overwrite=args.overwrite, verify=not args.no_verify, shard_size=args.shard_size)
+    try:
+        report = merge_and_export(args.base, args.adapter, args.out, merge_base=args.merge_base, dtype=args.dtype,
+                                  overwrite=args.overwrite, verify=not args.no_verify, shard_size=args.shard_size)
+    except (ConfigError, FileExistsError, WriteError) as e:  # bad input or a failed write: one line, as the CLI
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_summary(report))
     print(f"\nload it anywhere transformers runs:\n  AutoModelForCausalLM.from_pretrained({args.out!r})\n"
           f"serve it: vllm serve {args.out}   |   convert it: python convert_hf_to_gguf.py {args.out}")

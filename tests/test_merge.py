@@ -128,8 +128,12 @@ def test_existing_output_is_refused_unless_overwrite(tiny_model_dir, adapter_dir
     assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(adapter_dir), "--out", str(out),
                  "--no-verify"]) == 2
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(FileExistsError, match="is not a previous merge output"):  # not ours: kept even so
+        merge_and_export(tiny_model_dir, adapter_dir, out, overwrite=True, verify=False, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     merge_and_export(tiny_model_dir, adapter_dir, out, overwrite=True, verify=False, progress=False, prompts=PROMPTS)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
 
 
 def test_missing_shard_is_a_clear_error_and_nothing_written(tiny_model_dir, adapter_dir, tmp_path):
