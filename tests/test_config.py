@@ -128,6 +128,11 @@ def test_an_integer_too_large_for_its_field_is_a_config_error(tmp_path, text):
         load_train_config(_write(tmp_path, BASE + text))
 
 
+def test_a_huge_integer_in_an_override_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"override 'training\.seed=9+': .*5000 characters is too large"):
+        load_train_config(None, ["model.path=m", "data.train_file=d", "training.seed=" + "9" * 5000])
+
+
 def test_huge_integers_from_python_are_config_errors_not_overflow():
     for section in (LoraConfig(r=10**5000), LoraConfig(alpha=10**400), TrainingConfig(max_steps=10**30)):
         with pytest.raises(ConfigError, match="must be in"):
