@@ -1,44 +1,106 @@
-"""Configuration dataclasses, YAML loading and ``key=value`` overrides.
+"""Configuration dataclasses, dict <-> dataclass conversion, validation, and ``load_train_config``.
 
-Every field has a default and a comment; the comment doubles as the field's help text.
-Unknown keys are errors that name the closest valid key.
+Every field has a default and a comment; the comment doubles as the field's help text. Every numeric field
+declares its valid range with ``ranged(default, "[lo, hi]")`` (interval notation: ``(`` and ``)`` exclude the
+bound, ``inf`` means any finite number), and ``validate()`` enforces types and ranges of every section, so a
+config built in Python gets the same checks as one read from YAML. Unknown keys are errors that list every
+unknown key of a file at once, each with the key meant (also names from other tools: ``config_aliases``).
+YAML reading (duplicate keys are errors) and ``key=value`` overrides are in ``config_yaml``.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
+import functools
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
+from .config_aliases import suggest
+from .config_yaml import (ConfigError, apply_overrides, compose_file, key_line, line_of, load_yaml,  # noqa: F401
+                          parse_override)
+
+_INTERVAL = re.compile(r"^([\[(])([^,\s]+), ([^,\s]+)([\])])$")
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown or invalid. The message says where and how to fix it."""
+def ranged(default: Any, interval: str) -> Any:
+    """A dataclass field whose valid values form ``interval``, e.g. ``"[1, 65_536]"``, ``"[0, 1)"``,
+    ``"(0, inf)"`` (any finite positive number); ``check_fields`` enforces it."""
+    if not _INTERVAL.match(interval):
+        raise ValueError(f"interval {interval!r}: write it as [lo, hi], (lo, hi), [lo, hi) or (lo, hi]")
+    return field(default=default, metadata={"range": interval})
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    """Whether ``value`` lies in ``interval`` (NaN and infinities never do)."""
+    left, low, high, right = _INTERVAL.match(interval).groups()
+    try:
+        x = float(value)
+    except OverflowError:  # an integer beyond any float: outside every declared range
+        return False
+    return ((float(low) <= x) if left == "[" else (float(low) < x)) and \
+        ((x <= float(high)) if right == "]" else (x < float(high)))
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is exactly of the annotated type (no conversion; bool is not a number)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return any(_has_type(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return hint is Any or isinstance(value, hint if hint is not None else type(None))
+
+
+def _show(value: Any) -> str:
+    """A short repr for messages (an integer too long to print is described by its size)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_fields(obj: Any, where: str) -> None:
+    """Raise ConfigError unless every field of the dataclass ``obj`` has its annotated type and lies in its
+    declared range (each element, for a list of numbers). The message names ``where.field`` and the range."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, path = getattr(obj, f.name), f"{where}.{f.name}" if where else f.name
+        if not _has_type(value, hints[f.name]):
+            wanted = str(hints[f.name]).replace("typing.", "")
+            wanted = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+                hints[f.name], getattr(hints[f.name], "__name__", wanted))
+            raise ConfigError(f"{path}: expected {wanted}, got {_show(value)}")
+        interval = f.metadata.get("range")
+        numbers = value if isinstance(value, list) else [] if value is None else [value]
+        if interval and not all(_in_interval(x, interval) for x in numbers):
+            raise ConfigError(f"{path}: must be in {interval}, got {_show(value)}")
 
 
 @dataclass
 class QuantConfig:
     """How the frozen base model is quantized."""
 
-    bits: int = 4  # 4 (NF4/FP4 through bitsandbytes), 8 (LLM.int8) or 16 (no quantization, plain LoRA)
+    bits: int = ranged(4, "[4, 16]")  # 4 (NF4/FP4 through bitsandbytes), 8 (LLM.int8) or 16 (no quantization, plain LoRA)
     quant_type: str = "nf4"  # 4-bit code: "nf4" (normal float, QLoRA) or "fp4"
     double_quant: bool = True  # quantize the per-block absmax scales again to 8 bit (saves ~0.37 bit/param)
-    blocksize: int = 64  # weights per absmax scale; bitsandbytes quantizes in blocks of 64
+    blocksize: int = ranged(64, "[64, 64]")  # weights per absmax scale; transformers quantizes in blocks of 64 only
     quant_storage: str = "uint8"  # storage dtype of packed 4-bit weights; set to the compute dtype for FSDP
 
     def validate(self, where: str = "quant") -> None:
-        """Raise ConfigError for an impossible setting."""
+        """Raise ConfigError for a wrongly typed, out-of-range or impossible setting."""
+        check_fields(self, where)
         if self.bits not in (4, 8, 16):
             raise ConfigError(f"{where}.bits: {self.bits} is not supported; use 4, 8 or 16")
         if self.quant_type not in ("nf4", "fp4"):
             raise ConfigError(f"{where}.quant_type: {self.quant_type!r} is unknown; use 'nf4' or 'fp4'")
-        if self.blocksize != 64:
-            raise ConfigError(f"{where}.blocksize: transformers quantizes with block size 64 only; got {self.blocksize}")
         if self.quant_storage not in ("uint8", "bfloat16", "float16", "float32"):
             raise ConfigError(f"{where}.quant_storage: {self.quant_storage!r}; use uint8, bfloat16, float16 or float32")
 
@@ -47,36 +109,31 @@ class QuantConfig:
 class LoraConfig:
     """Which layers get LoRA adapters, and how the adapters are shaped and initialised."""
 
-    r: int = 16  # adapter rank (the maximum rank when dynamic_rank is on)
-    alpha: float = 32.0  # scale numerator: the update is (alpha / r) * B @ A (alpha / sqrt(r) with use_rslora)
-    dropout: float = 0.0  # dropout on the adapter's input during training
+    r: int = ranged(16, "[1, 65_536]")  # adapter rank (the maximum rank when dynamic_rank is on)
+    alpha: float = ranged(32.0, "(0, inf)")  # scale numerator: the update is (alpha / r) * B @ A (alpha / sqrt(r) with use_rslora)
+    dropout: float = ranged(0.0, "[0, 1)")  # dropout on the adapter's input during training
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     init: str = "kaiming"  # A's init: "kaiming" (Kaiming-uniform, as in loralib and PEFT) or "gaussian" (N(0, 1/r)); B is zero
     target_modules: Union[str, list[str]] = "all-linear"  # "all-linear", a list of module-name suffixes, or a regex matched against full names
-    layers: Union[list[int], None] = None  # decoder layer indices to adapt; None adapts every layer
+    layers: Union[list[int], None] = ranged(None, "[0, 65_535]")  # decoder layer indices to adapt; None adapts every layer
     modules_to_save: list[str] = field(default_factory=list)  # modules trained in full as a copy, e.g. ["lm_head", "embed_tokens"] after adding tokens
     dynamic_rank: bool = False  # dynamic-rank training (QDyLoRA): sample a rank per step in [r_min, r]
-    r_min: int = 1  # smallest sampled rank when dynamic_rank is on
+    r_min: int = ranged(1, "[1, 65_536]")  # smallest sampled rank when dynamic_rank is on
     # "log_uniform" draws log(rank) uniformly: as many steps in [1, 4) as in [8, 32), so the small ranks one would
     # deploy are trained alone more often (the first rows of A / columns of B are trained at every step either way)
     rank_sampling: str = "uniform"  # per-step rank distribution in [r_min, r]: "uniform" (DyLoRA, QDyLoRA) or "log_uniform"
-    active_rank: int = 0  # rank used for evaluation, inference and loading a dynamic adapter; 0 means r
+    active_rank: int = ranged(0, "[0, 65_536]")  # rank used for evaluation, inference and loading a dynamic adapter; 0 means r
 
     def validate(self, where: str = "lora") -> None:
-        """Raise ConfigError for an impossible setting."""
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"{where}.r: rank must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"{where}.dropout: must be in [0, 1), got {self.dropout!r}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ConfigError(f"{where}.alpha: must be a finite positive number, got {self.alpha!r}")
+        """Raise ConfigError for a wrongly typed, out-of-range or impossible setting."""
+        check_fields(self, where)
         if self.init not in ("kaiming", "gaussian"):
             raise ConfigError(f"{where}.init: {self.init!r} is unknown; use 'kaiming' or 'gaussian'")
-        if self.dynamic_rank and not 1 <= self.r_min <= self.r:
+        if self.dynamic_rank and self.r_min > self.r:
             raise ConfigError(f"{where}.r_min: must be in [1, r={self.r}], got {self.r_min}")
         if self.rank_sampling not in ("uniform", "log_uniform"):
             raise ConfigError(f"{where}.rank_sampling: {self.rank_sampling!r} is unknown; use 'uniform' or 'log_uniform'")
-        if not 0 <= self.active_rank <= self.r:
+        if self.active_rank > self.r:
             raise ConfigError(f"{where}.active_rank: must be in [1, r={self.r}] (or 0 for r), got {self.active_rank}")
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise ConfigError(f"{where}.target_modules: empty list; use 'all-linear' or name modules such as q_proj")
@@ -90,9 +147,40 @@ class LoraConfig:
 # ---------------------------------------------------------------------------------------------
 # Generic dict <-> dataclass conversion with helpful errors.
 
-def _closest(key: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(options)}"
+class UnknownKeysError(ConfigError):
+    """Keys no config section has, all of them at once; ``hints`` pairs each dotted key with its "did you mean"."""
+
+    def __init__(self, hints: list[tuple[str, str]]) -> None:
+        self.hints = hints  # (dotted key, hint) for every unknown key, in the order given
+        super().__init__(self.describe(lambda key: None))
+
+    def describe(self, line: Callable[[str], int | None]) -> str:
+        """The message, with ``line(key)`` (when known) before each key of a multi-key message."""
+        if len(self.hints) == 1:
+            return f"unknown config key {self.hints[0][0]!r}; {self.hints[0][1]}"
+        rows = [f"  {f'line {n}: ' if (n := line(key)) else ''}{key!r}: {hint}" for key, hint in self.hints]
+        return f"{len(self.hints)} unknown config keys (rename or remove each):\n" + "\n".join(rows)
+
+
+@functools.cache
+def _key_tree() -> dict[str, list[str]]:
+    """Every section of TrainConfig with its keys; ``""`` holds the section names."""
+    hints = typing.get_type_hints(TrainConfig)
+    sections = {name: [f.name for f in dataclasses.fields(hint)] for name, hint in hints.items()}
+    return {"": list(sections), **sections}
+
+
+def _unknown_keys(cls: type, data: dict, where: str) -> list[tuple[str, str]]:
+    """(dotted key, hint) for every key of ``data`` and its sections that ``cls`` does not have."""
+    hints, names = typing.get_type_hints(cls), [f.name for f in dataclasses.fields(cls)]
+    found = []
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            found.append((path, suggest(path, names, _key_tree())))
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            found += _unknown_keys(hints[key], value, path)
+    return found
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -114,14 +202,14 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[-1] if errors else f"{where}: invalid value {value!r}")
+        raise ConfigError(errors[-1] if errors else f"{where}: invalid value {_show(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {_show(value)}")
         return value
     if hint is Any:
         return value
@@ -130,41 +218,43 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
         try:
             return int(value)
         except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}") from None
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
         try:
             return float(value)
         except (ValueError, OverflowError):
-            raise ConfigError(f"{where}: expected a number, got {value!r:.60}") from None
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}") from None
     if hint is str:
         if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
             return "on" if value else "off"
         if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
+            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
+        try:
+            return str(value)
+        except ValueError:  # an integer with more digits than Python prints
+            raise ConfigError(f"{where}: expected a string, got {_show(value)}") from None
     return value
 
 
 def from_dict(cls: type, data: dict, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a (nested) dict, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a (nested) dict and validate it.
+
+    Raises UnknownKeysError (a ConfigError) listing every unknown key of ``data`` and its sections with the
+    key probably meant, else ConfigError for the first wrongly typed or invalid value."""
+    unknown = _unknown_keys(cls, data, where)
+    if unknown:
+        raise UnknownKeysError(unknown)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key {path!r}{_closest(str(key), names)}")
-        kwargs[key] = _coerce(value, hints[key], path)
-    obj = cls(**kwargs)
+    obj = cls(**{key: _coerce(value, hints[key], f"{where}.{key}" if where else key) for key, value in data.items()})
     if hasattr(obj, "validate"):
         obj.validate(where or cls.__name__)
     return obj
@@ -173,51 +263,6 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
 def to_dict(obj: Any) -> dict:
     """A plain dict (JSON/YAML-safe) of a dataclass config."""
     return dataclasses.asdict(obj)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``section.key=value`` (value in YAML syntax) into a key path and a value."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value, e.g. lora.r=8")
-    key, raw = text.split("=", 1)
-    try:
-        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
-                          "quote it, e.g. key='value'") from None
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Set each ``a.b=value`` override into the nested dict ``data`` (in place) and return it."""
-    for text in overrides:
-        path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
-        node[path[-1]] = value
-    return data
-
-
-def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, with errors that name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, data, training)")
-    return data
 
 
 @dataclass
@@ -231,6 +276,8 @@ class ModelConfig:
     offload: str = "none"  # frozen 4-bit base: "none"; "disk" (memory-mapped from <output_dir>/.offload, paged in by the OS); "cpu" (host, one layer on the device at a time)
 
     def validate(self, where: str = "model") -> None:
+        """Raise ConfigError for a wrongly typed or unknown setting."""
+        check_fields(self, where)
         if self.compute_dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
             raise ConfigError(f"{where}.compute_dtype: {self.compute_dtype!r}; use auto, bf16, fp16 or fp32")
         if self.offload not in ("none", "cpu", "disk"):
@@ -243,9 +290,9 @@ class DataConfig:
 
     train_file: str = ""  # JSONL, JSON, CSV or Parquet file of training records
     eval_file: str = ""  # validation records; empty holds out eval_fraction of train_file instead
-    eval_fraction: float = 0.0  # fraction of train_file held out for validation when eval_file is empty
+    eval_fraction: float = ranged(0.0, "[0, 1)")  # fraction of train_file held out for validation when eval_file is empty
     format: str = "auto"  # "alpaca", "chat", "prompt_completion", "text", or "auto" (from the first record's fields)
-    max_seq_len: int = 512  # longer examples are truncated (and dropped if no supervised token is left)
+    max_seq_len: int = ranged(512, "[8, 16_777_216]")  # longer examples are truncated (and dropped if no supervised token is left)
     train_on_prompt: bool = False  # also train on prompt/system/user tokens (default: responses only)
     packing: bool = False  # pack several examples into one sequence (no attention across them)
     group_by_length: bool = True  # batch examples of similar length together to save padding
@@ -253,12 +300,10 @@ class DataConfig:
     system_prompt: str = ""  # optional system message added to alpaca and prompt/completion records
 
     def validate(self, where: str = "data") -> None:
+        """Raise ConfigError for a wrongly typed, out-of-range or unknown setting."""
+        check_fields(self, where)
         if self.format not in ("auto", "alpaca", "chat", "prompt_completion", "text"):
             raise ConfigError(f"{where}.format: {self.format!r}; use auto, alpaca, chat, prompt_completion or text")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"{where}.eval_fraction: must be in [0, 1), got {self.eval_fraction}")
-        if self.max_seq_len < 8:
-            raise ConfigError(f"{where}.max_seq_len: {self.max_seq_len} is too short; use at least 8")
 
 
 @dataclass
@@ -266,29 +311,31 @@ class TrainingConfig:
     """The optimisation loop: batches, optimizer, schedule, evaluation, checkpoints and outputs."""
 
     output_dir: str = "runs/qlora"  # adapter, checkpoints, metrics.jsonl, loss.png and the run summary go here
-    epochs: float = 1.0  # passes over the training data (fractions allowed); max_steps > 0 overrides
-    max_steps: int = 0  # optimizer steps to run; 0 derives them from epochs
-    batch_size: int = 8  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step (the loss is normalised by supervised tokens across all of them)
-    lr: float = 2e-4  # peak learning rate
-    weight_decay: float = 0.0  # AdamW weight decay on adapter parameters
+    epochs: float = ranged(1.0, "[0, 1_000_000]")  # passes over the training data (fractions allowed); max_steps > 0 overrides
+    max_steps: int = ranged(0, "[0, 1_000_000_000]")  # optimizer steps to run; 0 derives them from epochs
+    batch_size: int = ranged(8, "[1, 65_536]")  # examples per micro-batch
+    grad_accum: int = ranged(1, "[1, 65_536]")  # micro-batches per optimizer step (the loss is normalised by supervised tokens across all of them)
+    lr: float = ranged(2e-4, "(0, inf)")  # peak learning rate
+    weight_decay: float = ranged(0.0, "[0, inf)")  # AdamW weight decay on adapter parameters
     optimizer: str = "paged_adamw_8bit"  # paged_adamw_8bit, paged_adamw_32bit, adamw_8bit or adamw (torch)
     scheduler: str = "cosine"  # cosine, linear or constant, after warmup
-    warmup_steps: int = 0  # linear warmup from 0 to lr over these steps
-    warmup_ratio: float = 0.0  # warmup as a fraction of all steps (used when warmup_steps is 0)
-    max_grad_norm: float = 1.0  # clip the adapter gradients' global norm; 0 disables clipping
+    warmup_steps: int = ranged(0, "[0, 1_000_000_000]")  # linear warmup from 0 to lr over these steps
+    warmup_ratio: float = ranged(0.0, "[0, 1]")  # warmup as a fraction of all steps (used when warmup_steps is 0)
+    max_grad_norm: float = ranged(1.0, "[0, inf)")  # clip the adapter gradients' global norm; 0 disables clipping
     gradient_checkpointing: str = "auto"  # "on", "off", or "auto" (on when the memory plan needs it)
-    eval_every: int = 0  # validation loss every N steps; 0 evaluates only at the end
-    early_stopping_patience: int = 0  # stop after N evaluations without a better validation loss; 0 never stops early
-    save_every: int = 0  # checkpoint every N steps; 0 checkpoints only at the end
-    keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    eval_every: int = ranged(0, "[0, 1_000_000_000]")  # validation loss every N steps; 0 evaluates only at the end
+    early_stopping_patience: int = ranged(0, "[0, 1_000_000_000]")  # stop after N evaluations without a better validation loss; 0 never stops early
+    save_every: int = ranged(0, "[0, 1_000_000_000]")  # checkpoint every N steps; 0 checkpoints only at the end
+    keep_checkpoints: int = ranged(2, "[1, 1_000_000]")  # how many recent checkpoints to keep
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
-    seed: int = 42  # seeds LoRA init, data order, dropout and dynamic-rank sampling
-    log_every: int = 1  # write a metrics.jsonl line every N steps
-    loss_chunk_size: int = 1024  # supervised positions per chunk of the vocabulary projection in the loss
+    seed: int = ranged(42, "[0, 4_294_967_295]")  # seeds LoRA init, data order, dropout and dynamic-rank sampling
+    log_every: int = ranged(1, "[1, 1_000_000_000]")  # write a metrics.jsonl line every N steps
+    loss_chunk_size: int = ranged(1024, "[1, 16_777_216]")  # supervised positions per chunk of the vocabulary projection in the loss
     distributed: str = "ddp"  # with several processes (accelerate launch / torchrun): "ddp" (replicate the 4-bit base) or "fsdp" (shard it; FSDP-QLoRA)
 
     def validate(self, where: str = "training") -> None:
+        """Raise ConfigError for a wrongly typed, out-of-range or unknown setting."""
+        check_fields(self, where)
         if self.optimizer not in ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"):
             raise ConfigError(f"{where}.optimizer: {self.optimizer!r} is unknown; use paged_adamw_8bit, "
                               "paged_adamw_32bit, adamw_8bit or adamw")
@@ -300,15 +347,7 @@ class TrainingConfig:
             raise ConfigError(f"{where}.on_nonfinite: {self.on_nonfinite!r}; use stop or skip")
         if self.distributed not in ("ddp", "fsdp"):
             raise ConfigError(f"{where}.distributed: {self.distributed!r}; use ddp or fsdp")
-        for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every", "loss_chunk_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{where}.{name}: must be at least 1, got {getattr(self, name)}")
-        for name in ("lr", "epochs", "weight_decay", "warmup_ratio", "max_grad_norm"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{where}.{name}: must be a finite number, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"{where}.lr: must be a finite positive number, got {self.lr}")
-        if self.epochs <= 0 and self.max_steps <= 0:
+        if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError(f"{where}: set epochs > 0 or max_steps > 0")
 
 
@@ -323,8 +362,10 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)  # the optimisation loop
 
     def validate(self, where: str = "") -> None:
-        self.quant.validate("quant")
-        self.lora.validate("lora")
+        """Validate every section (types, ranges, choices), then the keys a run needs. Raises ConfigError."""
+        check_fields(self, where)
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
         if not self.model.path:
             raise ConfigError("model.path: required (a local checkpoint folder, or 'demo')")
         if not self.data.train_file:
@@ -332,36 +373,20 @@ class TrainConfig:
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML config (optional), apply ``key=value`` overrides, and validate it."""
+    """Read a YAML config (optional), apply ``key=value`` overrides, and validate it.
+
+    Raises ConfigError naming the file, the line and the key (every unknown key at once) and the fix."""
     data = load_yaml(path) if path else {}
     try:
         apply_overrides(data, overrides or [])
         return from_dict(TrainConfig, data)
     except ConfigError as e:
+        if not path:
+            raise
         overridden = {o.split("=", 1)[0].strip() for o in overrides or []}
-        line = _key_line(Path(path), str(e), overridden) if path else None
-        raise ConfigError(f"{path}{f' line {line}' if line else ''}: {e}" if path else str(e)) from None
-
-
-_ERROR_KEY = re.compile(r"^(?:unknown config key ')?([A-Za-z_]\w*(?:\.\w+)*)")
-
-
-def _key_line(path: Path, message: str, overridden: set[str]) -> int | None:
-    """The 1-based line of the YAML key an error message starts with (``lora.r: ...``), if the file has it
-    and no ``key=value`` override replaced it."""
-    match = _ERROR_KEY.match(message)
-    if match and match.group(1) in overridden:
-        return None
-    try:
-        node = yaml.compose(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        return None
-    line = None
-    for part in match.group(1).split(".") if match else []:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        hit = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None)
-        if hit is None:
-            break
-        line, node = hit[0].start_mark.line + 1, hit[1]
-    return line
+        if isinstance(e, UnknownKeysError) and len(e.hints) > 1:
+            root = compose_file(Path(path))
+            message = e.describe(lambda key: None if key in overridden else line_of(root, key))
+            raise ConfigError(f"{path}: {message}") from None
+        line = key_line(Path(path), str(e), overridden)
+        raise ConfigError(f"{path}{f' line {line}' if line else ''}: {e}") from None

@@ -132,12 +132,12 @@ def test_unknown_key_names_file_line_and_closest_key(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.parametrize("section,key,value,message", [
-    ("lora", "r", -8, r"line 6: lora\.r: rank must be a positive integer, got -8"),
+    ("lora", "r", -8, r"line 6: lora\.r: must be in \[1, 65_536\], got -8"),
     ("lora", "dropout", 1.0, r"line 8: lora\.dropout: must be in \[0, 1\), got 1\.0"),
     ("lora", "alpha", "big", r"line 7: lora\.alpha: expected a number, got 'big'"),
     ("training", "optimizer", "sgd", r"line 14: training\.optimizer: 'sgd' is unknown; use paged_adamw_8bit"),
-    ("training", "lr", float("nan"), r"line 15: training\.lr: must be a finite number, got nan"),
-    ("data", "max_seq_len", 4, r"data\.max_seq_len: 4 is too short"),
+    ("training", "lr", float("nan"), r"line 15: training\.lr: must be in \(0, inf\), got nan"),
+    ("data", "max_seq_len", 4, r"data\.max_seq_len: must be in \[8, 16_777_216\], got 4"),
 ])
 def test_invalid_values_name_line_key_and_fix(tmp_path, tiny_model_dir, section, key, value, message):
     path = _yaml(tmp_path, tiny_model_dir, **{section: {key: value}})
