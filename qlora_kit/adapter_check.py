@@ -127,7 +127,8 @@ def _saved_settings(meta: dict, r: int, weights: Path) -> tuple[dict, QuantConfi
     settings = dict(dynamic_rank=_get(saved, "dynamic_rank", (bool,), "true or false", where, False),
                     r_min=min(_get(saved, "r_min", (int,), "an integer >= 1", where, 1, lambda v: v >= 1), r),
                     rank_sampling=_get(saved, "rank_sampling", (str,), "a string", where, "uniform"),
-                    active_rank=min(_get(saved, "active_rank", (int,), "an integer >= 0", where, 0, lambda v: v >= 0), r))
+                    active_rank=min(_get(saved, "active_rank", (int,), "an integer >= 0", where, 0,
+                                         lambda v: v >= 0), r))
     quant = _get(meta, "quant", (dict,), "an object", where, None)
     try:
         return settings, from_dict(QuantConfig, quant, "quant") if quant else None
