@@ -123,7 +123,7 @@ def validate_run(config: TrainConfig, tokenizer=None) -> ValidationReport:
 
     config.validate()
     model_path = resolve_model_path(config.model.path)
-    hf_config = check_model_path(model_path)
+    hf_config = check_model_path(model_path, config.model.trust_remote_code)
     targets = check_targets(model_path, config)
     if tokenizer is None:
         tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
