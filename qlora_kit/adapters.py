@@ -22,7 +22,6 @@ from .lora import (LoraLinear, TrainableCopy, _layer_index, active_adapters, att
                    lora_layers, resolve_targets, set_active_adapters, set_rank)
 
 
-
 class AdapterMismatchError(ValueError):
     """The adapter was trained on a base whose module names or shapes differ from this model's."""
 

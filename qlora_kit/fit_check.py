@@ -51,6 +51,9 @@ def check_fits(config: TrainConfig, model_path: Path, seq_len: int, targets: lis
     from . import hardware
 
     device = torch.device(config.model.device) if config.model.device else hardware.default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():  # a GPU config validated on another machine
+        log.info("memory check skipped: model.device=%s but no CUDA device here", config.model.device)
+        return None
     available = float(hardware.available_memory(device))
     leaves = sorted({t.rsplit(".", 1)[-1] for t in targets}) if targets else "all-linear"
     try:

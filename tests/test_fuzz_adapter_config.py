@@ -121,7 +121,7 @@ def test_fuzzed_tensor_shapes_are_refused_or_load(model, valid_config, folder, s
     save_file(tensors, str(folder / WEIGHTS_FILE))
     (folder / CONFIG_FILE).write_text(json.dumps({**valid_config, "r": r}))
     try:
-        spec = check_adapter(folder)
+        check_adapter(folder)
     except ConfigError as e:
         _refused(e, folder)
         return
