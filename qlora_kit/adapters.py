@@ -15,13 +15,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .adapter_check import CONFIG_FILE, PREFIX, WEIGHTS_FILE, check_adapter
 from .atomic import atomic_dir, safetensors_bytes
 from .config import ConfigError, LoraConfig, QuantConfig
 from .lora import (LoraLinear, TrainableCopy, _layer_index, active_adapters, attach_adapter, inference_rank,
                    lora_layers, resolve_targets, set_active_adapters, set_rank)
-
-PREFIX = "base_model.model."
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
 class AdapterMismatchError(ValueError):
@@ -113,56 +111,15 @@ class AdapterFile:
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
-    """Read an adapter folder (ours or PEFT's). Raises ConfigError naming the file and the problem."""
-    path = Path(path)
-    cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for f in (cfg_file, weights):
-        if not f.is_file():
-            hint = " (qlora-kit never loads pickled adapter_model.bin)" if f == weights else ""
-            raise ConfigError(f"{f}: missing; an adapter folder holds {CONFIG_FILE} and {WEIGHTS_FILE}{hint}")
-    try:
-        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg_file} line {e.lineno}: invalid JSON: {e.msg}") from None
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise ConfigError(f"{cfg_file}: peft_type {raw.get('peft_type')!r}; only LORA adapters are supported")
-    for unsupported in ("rank_pattern", "alpha_pattern"):
-        if raw.get(unsupported):
-            raise ConfigError(f"{cfg_file}: {unsupported} (per-layer ranks) is not supported by qlora-kit")
-    if raw.get("use_dora"):
-        raise ConfigError(f"{cfg_file}: DoRA adapters are not supported by qlora-kit")
-    with safe_open(str(weights), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("qlora_kit", "{}"))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    saved = meta.get("lora") or {}
-    r = int(raw["r"])  # a rank-k export of a dynamic adapter stays nested: its ranks 1..k are the trained ones
-    config = LoraConfig(
-        r=r, alpha=float(raw.get("lora_alpha", raw["r"])), dropout=float(raw.get("lora_dropout", 0.0)),
-        use_rslora=bool(raw.get("use_rslora", False)), target_modules=raw.get("target_modules") or "all-linear",
-        layers=raw.get("layers_to_transform"), modules_to_save=list(raw.get("modules_to_save") or []),
-        dynamic_rank=bool(saved.get("dynamic_rank", False)), r_min=min(int(saved.get("r_min", 1)), r),
-        rank_sampling=str(saved.get("rank_sampling", "uniform")), active_rank=min(int(saved.get("active_rank", 0)), r))
-    if isinstance(config.layers, int):
-        config.layers = [config.layers]
-    lora: dict[str, list] = {}
-    copies: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        k = key.removeprefix(PREFIX)
-        for part, idx in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
-            if k.endswith(part):
-                lora.setdefault(k[: -len(part)], [None, None])[idx] = t
-                break
-        else:
-            owner = next((m for m in config.modules_to_save if k.startswith(m + ".") or f".{m}." in f".{k}"), None)
-            if owner is None:
-                raise ConfigError(f"{weights}: unexpected tensor {key!r} (not LoRA A/B, not a modules_to_save copy)")
-            module, _, pname = k.rpartition(".")
-            copies.setdefault(module, {})[pname] = t
-    for module, (a, b) in lora.items():
-        if a is None or b is None:
-            raise ConfigError(f"{weights}: module {module!r} has only one of lora_A / lora_B")
-    quant = QuantConfig(**meta["quant"]) if meta.get("quant") else None
-    return AdapterFile(config, {m: (a, b) for m, (a, b) in lora.items()}, copies, quant, meta)
+    """Read an adapter folder (ours or PEFT's), checked by ``check_adapter`` before any tensor is read.
+
+    Raises ConfigError naming the file, the field and the fix.
+    """
+    spec = check_adapter(path)
+    with safe_open(str(Path(path) / WEIGHTS_FILE), "pt") as f:
+        lora = {module: (f.get_tensor(a), f.get_tensor(b)) for module, (a, b) in spec.lora.items()}
+        copies = {module: {p: f.get_tensor(k) for p, k in params.items()} for module, params in spec.copies.items()}
+    return AdapterFile(spec.config, lora, copies, spec.quant, spec.meta)
 
 
 def _check_matches(model: nn.Module, adapter: AdapterFile, path: Path) -> None:

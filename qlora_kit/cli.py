@@ -23,7 +23,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.overrides.insert(0, args.config)  # only overrides, no YAML file
         args.config = None
     config = load_train_config(args.config, args.overrides)
-    result = train(config, resume=args.resume)
+    result = train(config, resume=args.resume, force=args.force)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun/accelerate launch only rank 0 reports
         return 0
     if result.status == "interrupted":
@@ -42,7 +42,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)  # only overrides, no YAML file
         args.config = None
-    report = validate_run(load_train_config(args.config, args.overrides))
+    report = validate_run(load_train_config(args.config, args.overrides), force=args.force)
     print(report.summary())
     print("ok: config, model folder and data are valid (no weights were loaded)")
     return 0
@@ -112,11 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", nargs="?", help="YAML config with model, quant, lora, data and training sections")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=8 training.lr=1e-4")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    tr.add_argument("--force", action="store_true", help="run even if the memory plan needs over 1.5x the free memory")
     tr.set_defaults(func=_cmd_train)
 
     va = sub.add_parser("validate", help="check config, model folder and every data record; print a data summary")
     va.add_argument("config", nargs="?", help="YAML config, as for train")
     va.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.max_seq_len=1024")
+    va.add_argument("--force", action="store_true", help="do not refuse a run the memory plan says cannot fit")
     va.set_defaults(func=_cmd_validate)
 
     gen = sub.add_parser("generate", help="generate with the 4-bit model and zero or more adapters")

@@ -217,7 +217,12 @@ def _utf8(value: str, name: str, where: str) -> str:
     return value
 
 
-def _messages(record: dict, where: str) -> list[dict]:
+def chat_roles(tokenizer) -> tuple[str, ...]:
+    """Roles chat records may use: system, user, assistant, and tool when the chat template mentions tools."""
+    return ("system", "user", "assistant") + (("tool",) if "tool" in str(tokenizer.chat_template) else ())
+
+
+def _messages(record: dict, where: str, roles: tuple[str, ...]) -> list[dict]:
     msgs = record.get("messages")
     if msgs is None:
         raise DataError(f'{where}: missing field "messages" (chat format needs messages)')
@@ -231,6 +236,9 @@ def _messages(record: dict, where: str) -> list[dict]:
             if not isinstance(m.get(key), str):
                 got = "missing" if m.get(key) is None else f"a {type(m[key]).__name__}"
                 raise DataError(f'{where}: field "messages[{i}].{key}" must be a string, got {got}')
+        if m["role"] not in roles:
+            raise DataError(f'{where}: field "messages[{i}].role" is {m["role"][:40]!r}, not a role this chat template '
+                            f"knows; use one of {', '.join(roles)}")
         out.append({key: _utf8(m[key], f"messages[{i}].{key}", where) for key in ("role", "content")})
     return out
 
@@ -305,7 +313,8 @@ def render_record(record: dict, fmt: str, tokenizer, cfg: DataConfig,
         raise DataError(f"{where}: chat records need a tokenizer with a chat template, and this one has none; "
                         "convert the data to prompt_completion or use an instruct model's tokenizer")
     if fmt == "chat" or has_template:
-        msgs = _messages(record, where) if fmt == "chat" else _record_messages(record, fmt, cfg, where)
+        msgs = (_messages(record, where, chat_roles(tokenizer)) if fmt == "chat"
+                else _record_messages(record, fmt, cfg, where))
         text, spans = _chat_spans(tokenizer, msgs, where)
         return text, spans, True
     prompt, response = _plain(record, fmt, cfg, where)

@@ -32,6 +32,7 @@ from .config import ConfigError, QuantConfig
 from .model import check_model_path
 from .paths import check_output_path
 from .quant import quantize_roundtrip
+from .remote_code import check_remote_code
 
 log = logging.getLogger("qlora_kit")
 
@@ -279,6 +280,7 @@ def build_plan(base: str | Path, adapter: str | Path, merge_base: str = "dequant
     vocab = _check_vocab(items, arch, adapter_dir)
     out_config = _output_config(config, out_dtype, untie, vocab)
     tokenizer_dir = adapter_dir if _has_tokenizer(adapter_dir) else base
+    check_remote_code(tokenizer_dir)  # the merged folder gets this tokenizer; base's was checked above
     if vocab != config.get("vocab_size", vocab) and tokenizer_dir == base:
         raise MergeError(f"{adapter_dir}: the adapter resizes the vocabulary to {vocab} but its folder has no tokenizer "
                          "files; save the tokenizer with the added tokens beside the adapter")

@@ -12,14 +12,16 @@ from torch import nn
 from .config import ConfigError, QuantConfig
 from .hardware import choose_compute_dtype, default_device, parse_dtype
 from .quant import is_4bit, is_8bit, logical_numel
+from .remote_code import check_remote_code
 
 log = logging.getLogger("qlora_kit")
 
 
-def check_model_path(path: str | Path) -> dict:
+def check_model_path(path: str | Path, trust_remote_code: bool = False) -> dict:
     """Validate that ``path`` is a local causal-LM checkpoint folder and return its config.json.
 
-    Raises ConfigError naming the path and the fix; nothing is loaded.
+    Raises ConfigError naming the path and the fix, also when its model or tokenizer needs custom code
+    (``auto_map``) and ``trust_remote_code`` is off; nothing is loaded.
     """
     path = Path(path)
     config_file = path / "config.json"
@@ -32,6 +34,7 @@ def check_model_path(path: str | Path) -> dict:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{config_file} line {e.lineno}: invalid JSON: {e.msg}") from None
+    check_remote_code(path, trust_remote_code)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
@@ -86,7 +89,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, compute_dtype
 
     quant = quant or QuantConfig()
     quant.validate()
-    check_model_path(path)
+    check_model_path(path, trust_remote_code)
     dev = torch.device(device) if device else default_device()
     dtype = choose_compute_dtype(compute_dtype, dev)
     if trust_remote_code:

@@ -153,13 +153,10 @@ def _gradient_checkpointing(config: TrainConfig, model_path: Path, seq_len: int,
     choice = config.training.gradient_checkpointing
     if choice != "auto":
         return choice == "on"
-    from .hardware import available_memory, choose_compute_dtype
-    from .memory import plan_memory
+    from .fit_check import plan_run
+    from .hardware import available_memory
 
-    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(choose_compute_dtype(config.model.compute_dtype, device), "fp32")
-    plan = plan_memory(str(model_path / "config.json"), seq_len=seq_len, batch=config.training.batch_size,
-                       rank=config.lora.r, optimizer=config.training.optimizer, grad_checkpointing=False,
-                       quant=config.quant, compute_dtype=dtype, device=device.type)
+    plan = plan_run(config, model_path, seq_len, device, grad_checkpointing=False)
     need, have = plan.total, available_memory(device)
     log.info("gradient checkpointing auto: the plan without it needs %.1f GiB of %.1f GiB available -> %s",
              need / 2**30, have / 2**30, "on" if need > 0.8 * have else "off")
@@ -179,11 +176,13 @@ def _prepare_output(out: Path, resume: bool) -> Path | None:
     return resume_checkpoint(out / "checkpoints") if resume and ckpt is not None else None
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None) -> TrainResult:
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None,
+          force: bool = False) -> TrainResult:
     """Fine-tune ``config.model.path`` with LoRA on ``config.data`` and write the run to ``output_dir``.
 
     Everything is validated (config, model folder, every data record) before the model is loaded.
-    ``model``/``tokenizer`` may be passed in already loaded (4-bit, without adapters). Returns a TrainResult;
+    ``model``/``tokenizer`` may be passed in already loaded (4-bit, without adapters). ``force`` runs even when
+    the memory plan needs far more than is available (see ``fit_check``). Returns a TrainResult;
     raises ConfigError/DataError for bad input and TrainingError for a NaN/inf loss with ``on_nonfinite=stop``.
     """
     from .distributed import (adapter_view, clip_grad_norm, configure_quant_for_fsdp, evaluate_sharded,
@@ -192,7 +191,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     from .validate import validate_run
 
     quiet_other_ranks()
-    checked = validate_run(config, tokenizer)  # config, model folder, LoRA targets, every record; no weights
+    checked = validate_run(config, tokenizer, force)  # config, model folder, LoRA targets, every record; no weights
     tc, out, model_path = config.training, Path(config.training.output_dir), checked.model_path
     resume_from = _prepare_output(out, resume)
     tokenizer, train_set, eval_set, stats = checked.tokenizer, checked.train_set, checked.eval_set, checked.stats

@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import TrainConfig
 from .data import DataStats, Example, prepare_data
+from .fit_check import check_fits
 
 log = logging.getLogger("qlora_kit")
 
@@ -102,17 +103,19 @@ def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def validate_run(config: TrainConfig, tokenizer=None) -> ValidationReport:
+def validate_run(config: TrainConfig, tokenizer=None, force: bool = False) -> ValidationReport:
     """Check everything a run needs before any weight is loaded, in this order.
 
     1. the config's values (``TrainConfig.validate``), 2. the model folder is a causal-LM checkpoint with
     safetensors weights (``model.check_model_path``), 3. the LoRA targets match layers of that architecture,
     4. every data record parses, has its format's fields with the right types, and leaves at least one
-    example with a supervised token after truncation (``data.prepare_data``, tokenizer only).
+    example with a supervised token after truncation (``data.prepare_data``, tokenizer only), 5. the memory
+    plan fits: a run needing more than 1.5x the available memory is refused (``fit_check.check_fits``).
 
     Args:
         config: the run's config.
         tokenizer: an already loaded tokenizer (default: the checkpoint's).
+        force: run the memory check but do not refuse (``--force``).
     Returns:
         A ValidationReport with the data summary, the tokenizer and the prepared train/eval examples.
     Raises:
@@ -123,11 +126,13 @@ def validate_run(config: TrainConfig, tokenizer=None) -> ValidationReport:
 
     config.validate()
     model_path = resolve_model_path(config.model.path)
-    hf_config = check_model_path(model_path)
+    hf_config = check_model_path(model_path, config.model.trust_remote_code)
     targets = check_targets(model_path, config)
     if tokenizer is None:
         tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     train_set, eval_set, stats = prepare_data(config.data, tokenizer, cache_dir=token_cache_dir(config),
                                               seed=config.training.seed)
+    longest = config.data.max_seq_len if config.data.packing else min(stats.len_max, config.data.max_seq_len)
+    check_fits(config, model_path, longest, targets, force)
     return ValidationReport(config, model_path, str(hf_config.get("model_type")), targets, stats, tokenizer,
                             train_set, eval_set)

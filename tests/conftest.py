@@ -32,3 +32,18 @@ def load_tiny(path, **kwargs):
     kwargs.setdefault("compute_dtype", "fp32")
     kwargs.setdefault("device", "cpu")
     return load_model(path, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A rank-4 adapter on all linear layers of the tiny model, with random (non-zero) B, saved by qlora-kit."""
+    from qlora_kit import LoraConfig, add_lora, save_adapter
+    from qlora_kit.lora import lora_layers
+
+    model, _ = load_tiny(tiny_model_dir)
+    add_lora(model, LoraConfig(r=4, alpha=8))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.adapters["default"].lora_B.copy_(torch.randn(layer.adapters["default"].lora_B.shape, generator=g))
+    return save_adapter(model, tmp_path_factory.mktemp("tiny-adapter") / "adapter")

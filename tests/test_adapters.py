@@ -118,3 +118,87 @@ def test_missing_files_name_the_file(tmp_path, tiny_model_dir):
     (tmp_path / "bad" / "adapter_config.json").write_text("{}")
     with pytest.raises(ConfigError, match="adapter_model.safetensors"):
         load_adapter(model, tmp_path / "bad")
+
+
+def _adapter_with(tmp_path, source, edit):
+    """A copy of the adapter at ``source`` whose adapter_config.json is ``edit(config)`` (a value or raw text)."""
+    import shutil
+
+    out = tmp_path / "edited"
+    shutil.copytree(source, out)
+    new = edit(json.loads((out / "adapter_config.json").read_text()))
+    (out / "adapter_config.json").write_text(new if isinstance(new, str) else json.dumps(new))
+    return out
+
+
+BAD_CONFIGS = {  # what is wrong -> (edit, a word the error must name)
+    "a list": (lambda c: [c], "JSON object"),
+    "r missing": (lambda c: {k: v for k, v in c.items() if k != "r"}, '"r"'),
+    "r non-numeric": (lambda c: {**c, "r": "four"}, '"r"'),
+    "r a string number": (lambda c: {**c, "r": "4"}, '"r"'),
+    "r zero": (lambda c: {**c, "r": 0}, '"r"'),
+    "r negative": (lambda c: {**c, "r": -4}, '"r"'),
+    "r a bool": (lambda c: {**c, "r": True}, '"r"'),
+    "r not matching the tensors": (lambda c: {**c, "r": 8}, '"r": 4'),
+    "lora_alpha non-numeric": (lambda c: {**c, "lora_alpha": "x"}, '"lora_alpha"'),
+    "lora_alpha a bool": (lambda c: {**c, "lora_alpha": True}, '"lora_alpha"'),
+    "lora_alpha NaN": (lambda c: json.dumps({**c, "lora_alpha": float("nan")}), '"lora_alpha"'),
+    "lora_alpha missing": (lambda c: {k: v for k, v in c.items() if k != "lora_alpha"}, '"lora_alpha"'),
+    "target_modules a number": (lambda c: {**c, "target_modules": 5}, '"target_modules"'),
+    "modules_to_save a string": (lambda c: {**c, "modules_to_save": "lm_head"}, '"modules_to_save"'),
+    "layers_to_transform negative": (lambda c: {**c, "layers_to_transform": [-1]}, '"layers_to_transform"'),
+    "lora_dropout 1": (lambda c: {**c, "lora_dropout": 1}, '"lora_dropout"'),
+    "use_rslora a string": (lambda c: {**c, "use_rslora": "yes"}, '"use_rslora"'),
+    "rank_pattern a list": (lambda c: {**c, "rank_pattern": [1]}, '"rank_pattern"'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_adapter_config_is_one_config_error_naming_file_and_field(tiny_adapter_dir, tmp_path, case):
+    from qlora_kit import ConfigError
+    from qlora_kit.adapters import read_adapter
+
+    edit, word = BAD_CONFIGS[case]
+    bad = _adapter_with(tmp_path, tiny_adapter_dir, edit)
+    with pytest.raises(ConfigError) as e:
+        read_adapter(bad)
+    message = str(e.value)
+    assert str(bad / "adapter_config.json") in message and word in message and "\n" not in message
+
+
+def test_rank_far_above_the_tensors_fails_fast_without_allocating(tiny_model_dir, tiny_adapter_dir, tmp_path):
+    """r = 1,000,000 on a rank-4 file: refused from the header alone, under an address-space cap of +1 GiB."""
+    import resource
+    import time
+
+    from qlora_kit import ConfigError
+
+    bad = _adapter_with(tmp_path, tiny_adapter_dir, lambda c: {**c, "r": 1_000_000})
+    model, _ = load_tiny(tiny_model_dir)
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, hard))  # the old code tried to allocate ~10 GB here
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ConfigError, match='"r": 4'):
+            load_adapter(model, bad)
+        assert time.perf_counter() - start < 5
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert not list(lora_layers(model))
+
+
+@pytest.mark.parametrize("command", ["merge", "adapter-resize"])
+def test_cli_on_a_wrong_rank_exits_2_and_writes_nothing(tiny_model_dir, tiny_adapter_dir, tmp_path, capsys, command):
+    """merge --no-verify once exited 0 with the wrong scale when r did not match the tensors."""
+    from qlora_kit.cli import main
+
+    bad = _adapter_with(tmp_path, tiny_adapter_dir, lambda c: {**c, "r": 2})
+    out = tmp_path / "out"
+    args = (["merge", "--base", str(tiny_model_dir), "--no-verify"] if command == "merge" else
+            ["adapter-resize", "--rank", "1"]) + ["--adapter", str(bad), "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and '"r"' in err
+    assert not out.exists()

@@ -307,3 +307,27 @@ def test_template_that_is_not_prefix_stable_is_a_clear_error():
     rec = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     with pytest.raises(DataError, match=r"f line 4: the chat template does not render the conversation prefix"):
         tokenize_example(rec, "chat", t, DataConfig(), "f line 4")
+
+
+def test_unknown_chat_role_names_file_line_role_and_allowed_roles(tok, tmp_path):
+    hi = {"role": "user", "content": "hi"}
+    path = _write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [hi, {"role": "assistant", "content": "hello"}]},
+        {"messages": [hi, {"role": "narrator", "content": "hello"}]},
+    ])
+    with pytest.raises(DataError) as e:
+        prepare_data(DataConfig(train_file=str(path), format="chat"), tok)
+    assert str(e.value).startswith(f"{path} line 2: ")
+    assert "'narrator'" in str(e.value) and "system, user, assistant" in str(e.value)
+
+
+def test_tool_role_only_when_the_chat_template_mentions_tools(tok, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "weather?"}, {"role": "tool", "content": "sunny"},
+                          {"role": "assistant", "content": "It is sunny."}]}]
+    path = _write_jsonl(tmp_path / "tool.jsonl", rows)
+    with pytest.raises(DataError, match=r"line 1: .*'tool'.*use one of system, user, assistant$"):
+        prepare_data(DataConfig(train_file=str(path), format="chat"), tok)
+    with_tools = build_tokenizer()
+    with_tools.chat_template = "{# tools: role 'tool' supported #}" + tok.chat_template
+    train, _, _ = prepare_data(DataConfig(train_file=str(path), format="chat"), with_tools)
+    assert len(train) == 1 and "sunny" in with_tools.decode(train[0].input_ids)

@@ -220,3 +220,58 @@ def test_train_validates_everything_before_loading_the_model(tmp_path, tiny_mode
     with pytest.raises(ConfigError, match="matches no linear layer"):
         train(load_train_config(_yaml(tmp_path, tiny_model_dir), ["lora.target_modules=[nothing]"]), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def _refusal(tmp_path, model_dir, monkeypatch, available, *overrides, force=False):
+    """validate_run with ``available`` bytes of free memory: the memory refusal's message, or None if accepted."""
+    import qlora_kit.hardware
+
+    monkeypatch.setattr(qlora_kit.hardware, "available_memory", lambda device: available)
+    try:
+        validate_run(load_train_config(_yaml(tmp_path, model_dir), list(overrides)), force=force)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_a_run_far_beyond_the_available_memory_is_refused_with_the_plan_unless_forced(tmp_path, tiny_model_dir,
+                                                                                         monkeypatch):
+    import re
+
+    message = _refusal(tmp_path, tiny_model_dir, monkeypatch, 2**20)  # 1 MiB free (the autouse fixture forbids loads)
+    assert message is not None and message.startswith("memory: this run needs about ") and "\n" not in message
+    need = float(re.search(r"needs about ([\d.]+) GiB", message).group(1)) * 2**30
+    assert "0.0 GiB is available on cpu (refused above 1.5x)" in message
+    assert "biggest: " in message and "framework overhead" in message and "--force" in message
+    assert _refusal(tmp_path, tiny_model_dir, monkeypatch, 2**20, force=True) is None
+    assert _refusal(tmp_path, tiny_model_dir, monkeypatch, need / 1.4) is None  # within the margin: not refused
+    assert _refusal(tmp_path, tiny_model_dir, monkeypatch, need / 1.6) is not None
+
+
+def test_an_absurd_rank_is_refused_before_loading_and_tiny_runs_are_not(tmp_path, tiny_model_dir, capsys):
+    """lora.r = 10,000,000 on the tiny model plans to hundreds of GiB: refused on this machine, by validate and
+    train (the autouse fixture fails any weight load); the same config at r=4 validates on this 24 GiB machine."""
+    from qlora_kit.train import train
+
+    config = _yaml(tmp_path, tiny_model_dir)
+    with pytest.raises(ConfigError, match=r"^memory: this run needs about \d+\.\d GiB .*lora\.r"):
+        train(load_train_config(config, ["lora.r=10000000"]), progress=False)
+    assert main(["validate", str(config), "lora.r=10000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: memory: this run needs about") and err.count("\n") == 1
+    assert main(["validate", str(config)]) == 0
+    assert not (tmp_path / "run").exists()
+
+
+def test_force_flag_reaches_train_and_validate(tmp_path, tiny_model_dir, monkeypatch):
+    import qlora_kit.hardware
+    import qlora_kit.train
+
+    seen = {}
+    monkeypatch.setattr(qlora_kit.train, "train", lambda config, **kw: seen.update(kw) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["train", str(_yaml(tmp_path, tiny_model_dir)), "--force"])
+    assert seen["force"] is True
+    monkeypatch.setattr(qlora_kit.hardware, "available_memory", lambda device: 2**20)
+    assert main(["validate", str(_yaml(tmp_path, tiny_model_dir))]) == 2
+    assert main(["validate", str(_yaml(tmp_path, tiny_model_dir)), "--force"]) == 0
