@@ -98,3 +98,36 @@ def load_optimizer_state(folder: Path) -> dict:
 def load_trainer_state(folder: Path) -> dict:
     """The trainer state (step, best validation loss, ...) saved in ``folder``."""
     return json.loads((folder / STATE_FILE).read_text())
+
+
+# TEMPORARY (branch wip-h2): a minimal stand-in for the manifest-based verify_checkpoint /
+# latest_good_checkpoint being written in parallel; the merged version replaces these two functions.
+def verify_checkpoint(folder: Path) -> list[str]:
+    """Problems found in one checkpoint folder (empty list = good): unreadable files, non-finite tensors."""
+    problems = []
+    for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+        try:
+            tensors = load_file(str(folder / name))
+        except Exception as e:  # noqa: BLE001 - any unreadable file makes the checkpoint bad
+            problems.append(f"{name}: unreadable ({type(e).__name__})")
+            continue
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            problems.append(f"{name}: non-finite values in {bad[0]}")
+    for name in ("optimizer.json", STATE_FILE):
+        try:
+            json.loads((folder / name).read_text())
+        except (OSError, ValueError) as e:
+            problems.append(f"{name}: unreadable ({type(e).__name__})")
+    return problems
+
+
+def latest_good_checkpoint(root: Path) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+    """The newest checkpoint under ``root`` that verifies, plus the newer ones rejected with their problems."""
+    rejected = []
+    for folder in reversed(list_checkpoints(root)):
+        problems = verify_checkpoint(folder)
+        if not problems:
+            return folder, rejected
+        rejected.append((folder, problems))
+    return None, rejected
