@@ -105,6 +105,5 @@ class HealthMonitor:
 @torch.no_grad()
 def largest_weight(params: list[torch.Tensor]) -> float:
     """The largest magnitude over ``params`` (NaN if any is NaN, inf if any is inf); one cheap pass."""
-    if not params:
-        return 0.0
-    return float(torch.stack([p.detach().abs().amax().float() for p in params if p.numel()]).max())
+    peaks = [p.detach().abs().amax().float() for p in params if p.numel()]  # a rank's FSDP shard may be empty
+    return float(torch.stack(peaks).max()) if peaks else 0.0

@@ -217,5 +217,6 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tiny_model_dir, tmp_p
     proc.send_signal(signal.SIGINT)
     rc, _, err = _finish(proc, tmp_path, "twice")
     assert rc == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("error: interrupted again: stopped at once")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # (tqdm closes its bar at exit, after it)
+    assert len(errors) == 1 and errors[0].startswith("error: interrupted again: stopped at once")
     _assert_checkpoints_whole(run)
