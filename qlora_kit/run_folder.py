@@ -13,9 +13,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .atomic import atomic_write_json
 from .checkpoint import latest_checkpoint, list_checkpoints
@@ -142,8 +142,8 @@ def write_summary(out: Path, result) -> None:
     summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
     summary["tokens_per_s"] = round(result.tokens_per_s, 2)
     atomic_write_json(out / "summary.json", summary)
-    lines = [f"{result.status}: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s "
-             f"({result.tokens_per_s:.0f} tokens/s), peak memory {result.peak_memory_mb:.0f} MB"]
+    lines = [(f"{result.status}: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s "
+              f"({result.tokens_per_s:.0f} tokens/s), peak memory {result.peak_memory_mb:.0f} MB")]
     if result.best_eval_loss is not None:
         last = f"validation loss {result.eval_loss:.4f} " if result.eval_loss is not None else ""
         lines.append(f"{last}(best {result.best_eval_loss:.4f} at step {result.best_step})")

@@ -188,7 +188,7 @@ def test_interrupting_a_resumed_run_before_its_first_evaluation_writes_a_whole_r
 
     from qlora_kit.train import train
 
-    steps = dict(max_steps=8, save_every=1, eval_every=4)
+    steps = {"max_steps": 8, "save_every": 1, "eval_every": 4}
     with monkeypatch.context() as m:
         _interrupt_at(m, 5)  # after the evaluation at step 4: the checkpoint holds a best validation loss
         first = train(_config(tmp_path, tiny_model_dir, **steps), progress=False)
