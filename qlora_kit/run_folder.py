@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write_json
-from .checkpoint import latest_checkpoint, list_checkpoints
+from .checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state
 from .config import ConfigError
 
 log = logging.getLogger("qlora_kit")
@@ -50,6 +50,14 @@ def read_summary(out: Path) -> dict | None:
     return summary if isinstance(summary, dict) else None
 
 
+def _finished_summary(out: Path, ckpt: Path | None) -> dict | None:
+    """summary.json of a finished run whose outputs are still whole (its last checkpoint and adapter), else None."""
+    summary = read_summary(out)
+    if not summary or summary.get("status") not in FINISHED or ckpt is None or not (out / "adapter").is_dir():
+        return None
+    return summary if load_trainer_state(ckpt).get("step") == summary.get("steps") else None
+
+
 def check_run_folder(out: Path, resume: bool, overwrite: bool) -> RunFolder:
     """Decide how a run may use ``out`` without touching it; raises ConfigError with the way out."""
     if resume and overwrite:
@@ -70,8 +78,8 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> RunFolder:
         return RunFolder(out, foreign=True)
     if overwrite:
         return RunFolder(out, replace_own=True)
-    summary = read_summary(out)
-    if summary and summary.get("status") in FINISHED:
+    summary = _finished_summary(out, ckpt)
+    if summary is not None:
         if resume:
             return RunFolder(out, resume_from=ckpt, finished=summary)
         raise ConfigError(f"training.output_dir {str(out)!r} holds a finished run ({summary['status']}, "
