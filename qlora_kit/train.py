@@ -220,6 +220,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
     if folder.finished is not None and (folder.finished["status"] != "completed" or folder.finished["steps"] >= total_steps):
         return _finished_result(out, folder.finished)
+    if main:  # before the model loads (model.offload writes .offload/ here)
+        claim_run_folder(folder)
     longest = max(len(e.input_ids) for e in train_set)
     checkpointing = _gradient_checkpointing(config, model_path, min(longest, config.data.max_seq_len),
                                            accelerator.device)
@@ -278,7 +280,6 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         log.info("resumed from %s at step %d of %d", resume_from, start_step, total_steps)
 
     if main:
-        claim_run_folder(folder)
         _write_run_info(out, config, stats, world, checkpointing)
     metrics = MetricsLog(out / "metrics.jsonl", start_step, enabled=main)
     epoch_cache: dict[int, list[list[int]]] = {}
