@@ -23,7 +23,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.overrides.insert(0, args.config)  # only overrides, no YAML file
         args.config = None
     config = load_train_config(args.config, args.overrides)
-    result = train(config, resume=args.resume, force=args.force)
+    result = train(config, resume=args.resume, force=args.force, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun/accelerate launch only rank 0 reports
         return 0
     if result.status == "interrupted":
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=8 training.lr=1e-4")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     tr.add_argument("--force", action="store_true", help="run even if the memory plan needs over 1.5x the free memory")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="train into a non-empty folder (its files are moved aside, never deleted) or over a finished run")
     tr.set_defaults(func=_cmd_train)
 
     va = sub.add_parser("validate", help="check config, model folder and every data record; print a data summary")
@@ -206,11 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and exits cleanly)
+        print("error: interrupted again: stopped at once without saving this step; the last checkpoint is kept "
+              "(continue with --resume)", file=sys.stderr)
+        return 130
     except Exception as e:  # user-facing errors get one clear line; anything else is a bug: show the traceback
         if not _is_user_error(e):
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)  # 2: bad input; 4: the training run was stopped as diverged
 
 
 def _is_user_error(e: Exception) -> bool:

@@ -327,7 +327,7 @@ class TrainingConfig:
     early_stopping_patience: int = ranged(0, "[0, 1_000_000_000]")  # stop after N evaluations without a better validation loss; 0 never stops early
     save_every: int = ranged(0, "[0, 1_000_000_000]")  # checkpoint every N steps; 0 checkpoints only at the end
     keep_checkpoints: int = ranged(2, "[1, 1_000_000]")  # how many recent checkpoints to keep
-    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
+    on_nonfinite: str = "stop"  # a NaN/inf, diverged or dead step (health.py): "stop", "skip" the step, or "rollback" to the last good checkpoint
     seed: int = ranged(42, "[0, 4_294_967_295]")  # seeds LoRA init, data order, dropout and dynamic-rank sampling
     log_every: int = ranged(1, "[1, 1_000_000_000]")  # write a metrics.jsonl line every N steps
     loss_chunk_size: int = ranged(1024, "[1, 16_777_216]")  # supervised positions per chunk of the vocabulary projection in the loss
@@ -343,8 +343,8 @@ class TrainingConfig:
             raise ConfigError(f"{where}.scheduler: {self.scheduler!r}; use cosine, linear or constant")
         if self.gradient_checkpointing not in ("on", "off", "auto"):
             raise ConfigError(f"{where}.gradient_checkpointing: {self.gradient_checkpointing!r}; use on, off or auto")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"{where}.on_nonfinite: {self.on_nonfinite!r}; use stop or skip")
+        if self.on_nonfinite not in ("stop", "skip", "rollback"):
+            raise ConfigError(f"{where}.on_nonfinite: {self.on_nonfinite!r}; use stop, skip or rollback")
         if self.distributed not in ("ddp", "fsdp"):
             raise ConfigError(f"{where}.distributed: {self.distributed!r}; use ddp or fsdp")
         if self.epochs == 0 and self.max_steps == 0:

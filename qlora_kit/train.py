@@ -22,15 +22,18 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from .adapters import assign_adapter, read_adapter, save_adapter
-from .checkpoint import latest_checkpoint, load_optimizer_state, load_trainer_state, save_checkpoint
+from .adapters import assign_adapter, save_adapter
+from .checkpoint import load_optimizer_state, load_trainer_state, read_checkpoint_adapter, save_checkpoint
 from .config import ConfigError, TrainConfig, to_dict
 from .data import Example, collate, make_batches
+from .health import HealthMonitor, largest_weight
 from .loss import causal_lm_loss
 from .lora import add_lora, inference_rank, sample_rank, set_rank
 from .metrics import MetricsLog, peak_rss_mb
 from .model import load_model, set_gradient_checkpointing
 from .optim import build_optimizer, lr_at, set_lr
+from .recovery import Recovery
+from .run_folder import check_run_folder, claim_run_folder, replace_keeping_foreign, write_summary
 
 log = logging.getLogger("qlora_kit")
 
@@ -39,22 +42,29 @@ class TrainingError(RuntimeError):
     """Training cannot go on (a NaN/inf loss, a bad resume); the message names the step and the way out."""
 
 
+class RunDiverged(TrainingError):
+    """The run was stopped as broken (non-finite, diverged, dead, exploded); summary.json says "diverged"."""
+
+    exit_code = 4  # the CLI's exit status (2 is bad input)
+
+
 @dataclass
 class TrainResult:
     """What a finished (or interrupted) run produced and measured."""
 
     output_dir: Path  # the run folder
     adapter_dir: Path | None  # the final adapter (None when interrupted: see the last checkpoint)
-    status: str  # "completed", "early_stopped" or "interrupted"
+    status: str  # "completed", "early_stopped", "interrupted" or "diverged"
     steps: int  # optimizer steps done in total
-    tokens: int  # non-padding tokens processed in this invocation
-    supervised_tokens: int  # tokens that carried a label in this invocation
-    seconds: float  # wall time of the training steps in this invocation
+    tokens: int  # non-padding tokens processed over the whole run (all sessions, resumes included)
+    supervised_tokens: int  # tokens that carried a label, over the whole run
+    seconds: float  # wall time of the training steps, over the whole run
     peak_memory_mb: float  # peak RSS on CPU (includes mapped weight files), peak allocated on CUDA
     final_train_loss: float | None  # mean loss of the last logged step
     eval_loss: float | None  # validation loss at the end
     best_eval_loss: float | None  # best validation loss seen
     best_step: int | None  # the step of the best validation loss
+    stopped_because: str | None = None  # status "diverged": the one-line reason
 
     @property
     def tokens_per_s(self) -> float:
@@ -163,27 +173,26 @@ def _gradient_checkpointing(config: TrainConfig, model_path: Path, seq_len: int,
     return need > 0.8 * have
 
 
-def _prepare_output(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from; refuses to overwrite an earlier run unless resuming."""
-    from .checkpoint import resume_checkpoint
-
-    ckpt = latest_checkpoint(out / "checkpoints")
-    if ckpt is None and resume:
-        log.info("--resume: no checkpoint in %s yet; starting from step 0", out)
-    if ckpt is not None and not resume:
-        raise ConfigError(f"training.output_dir {str(out)!r} already holds a run (checkpoint {ckpt.name}); pass "
-                          "--resume to continue it, or choose another output_dir")
-    return resume_checkpoint(out / "checkpoints") if resume and ckpt is not None else None
+def _finished_result(out: Path, summary: dict) -> TrainResult:
+    """The TrainResult of a finished run, from its summary.json (``--resume`` with no more steps to do)."""
+    log.info("%s: the run is already %s (%s steps); nothing to train. Raise training.max_steps to train longer, "
+             "or pass --overwrite to train it again",
+             out, summary["status"], summary.get("steps"))
+    fields = {f.name: summary.get(f.name) for f in dataclasses.fields(TrainResult)}
+    fields.update(output_dir=out, adapter_dir=Path(fields["adapter_dir"]) if fields["adapter_dir"] else None)
+    return TrainResult(**fields)
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, model=None, tokenizer=None,
-          force: bool = False) -> TrainResult:
+          force: bool = False, overwrite: bool = False) -> TrainResult:
     """Fine-tune ``config.model.path`` with LoRA on ``config.data`` and write the run to ``output_dir``.
 
-    Everything is validated (config, model folder, every data record) before the model is loaded.
-    ``model``/``tokenizer`` may be passed in already loaded (4-bit, without adapters). ``force`` runs even when
-    the memory plan needs far more than is available (see ``fit_check``). Returns a TrainResult;
-    raises ConfigError/DataError for bad input and TrainingError for a NaN/inf loss with ``on_nonfinite=stop``.
+    Everything is validated (config, model folder, every data record, the output folder) before the model is
+    loaded. ``model``/``tokenizer`` may be passed in already loaded (4-bit, without adapters). ``overwrite``
+    lets the run use a non-empty folder or restart a finished one (see run_folder.py); ``force`` runs even
+    when the memory plan needs far more than is available (see ``fit_check``). Returns a TrainResult;
+    raises ConfigError/DataError for bad input and RunDiverged (a TrainingError) when the health checks stop
+    the run (``training.on_nonfinite``).
     """
     from .distributed import (adapter_view, clip_grad_norm, configure_quant_for_fsdp, evaluate_sharded,
                               full_adapter_params, gathered_optimizer, load_optimizer, make_accelerator,
@@ -193,12 +202,24 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     quiet_other_ranks()
     checked = validate_run(config, tokenizer, force)  # config, model folder, LoRA targets, every record; no weights
     tc, out, model_path = config.training, Path(config.training.output_dir), checked.model_path
-    resume_from = _prepare_output(out, resume)
+    folder = check_run_folder(out, resume, overwrite)
+    resume_from = folder.resume_from
     tokenizer, train_set, eval_set, stats = checked.tokenizer, checked.train_set, checked.eval_set, checked.stats
 
     accelerator = make_accelerator(cpu=config.model.device == "cpu")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     fsdp = world > 1 and tc.distributed == "fsdp"
+    micro_per_step = tc.grad_accum * world
+    batches_per_epoch = len(make_batches(train_set, tc.batch_size, config.data, tc.seed, 0))
+    steps_per_epoch = batches_per_epoch // micro_per_step
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data: {len(train_set)} examples make {batches_per_epoch} micro-batches, fewer than one "
+                          f"optimizer step needs ({tc.grad_accum} x {world} ranks); lower training.batch_size or grad_accum")
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
+    if folder.finished is not None and (folder.finished["status"] != "completed" or folder.finished["steps"] >= total_steps):
+        return _finished_result(out, folder.finished)
+    if main:  # before the model loads (model.offload writes .offload/ here)
+        claim_run_folder(folder)
     longest = max(len(e.input_ids) for e in train_set)
     checkpointing = _gradient_checkpointing(config, model_path, min(longest, config.data.max_seq_len),
                                            accelerator.device)
@@ -226,17 +247,17 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         step_fn, optimizer = accelerator.prepare(SupervisedLoss(model, tc.loss_chunk_size), optimizer)
         named = core
 
-    micro_per_step = tc.grad_accum * world
-    batches_per_epoch = len(make_batches(train_set, tc.batch_size, config.data, tc.seed, 0))
-    steps_per_epoch = batches_per_epoch // micro_per_step
-    if steps_per_epoch == 0:
-        raise ConfigError(f"data: {len(train_set)} examples make {batches_per_epoch} micro-batches, fewer than one "
-                          f"optimizer step needs ({tc.grad_accum} x {world} ranks); lower training.batch_size or grad_accum")
-    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * steps_per_epoch))
-
     state = {"best_eval_loss": None, "best_step": None, "bad_evals": 0, "world_size": world,
              "micro_batches_per_step": micro_per_step, "sharded": fsdp}
-    start_step = 0
+    start_step, tokens, supervised, seconds = 0, 0, 0, 0.0
+    monitor = HealthMonitor(core.config.vocab_size)
+    recovery = Recovery(tc.on_nonfinite, out / "checkpoints", monitor.limits)
+
+    def restore(ckpt: Path) -> None:  # the adapter and optimizer state of a checkpoint
+        with full_adapter_params(step_fn):
+            assign_adapter(named, read_checkpoint_adapter(ckpt))
+        load_optimizer(step_fn, optimizer, load_optimizer_state(ckpt))
+
     if resume_from is not None:
         saved = load_trainer_state(resume_from)
         if saved.get("micro_batches_per_step") != micro_per_step:
@@ -248,20 +269,20 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
             raise TrainingError(f"{resume_from}: written under training.distributed=fsdp, which does not save the "
                                 "optimizer state, so it cannot be resumed exactly; use its adapter_model.safetensors, "
                                 "or train with ddp when you need resumable checkpoints")
-        with full_adapter_params(step_fn):
-            assign_adapter(named, read_adapter(resume_from))
-        load_optimizer(step_fn, optimizer, load_optimizer_state(resume_from))
+        restore(resume_from)
         state.update({k: saved[k] for k in ("best_eval_loss", "best_step", "bad_evals") if k in saved})
         start_step = saved["step"]
+        tokens, supervised, seconds = saved.get("tokens", 0), saved.get("supervised_tokens", 0), saved.get("seconds", 0.0)
+        monitor.load(saved.get("health", {}))
+        recovery.load(saved.get("recovery", {}))
         log.info("resumed from %s at step %d of %d", resume_from, start_step, total_steps)
 
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         _write_run_info(out, config, stats, world, checkpointing)
     metrics = MetricsLog(out / "metrics.jsonl", start_step, enabled=main)
     epoch_cache: dict[int, list[list[int]]] = {}
     pad_id = tokenizer.pad_token_id
-    status, tokens, supervised, seconds, last_loss, eval_loss = "completed", 0, 0, 0.0, None, None
+    status, last_loss, eval_loss, stopped_because = "completed", None, None, None
 
     def step_group(step: int) -> list[list[int]]:
         epoch, k = divmod(step, steps_per_epoch)
@@ -271,6 +292,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         return epoch_cache[epoch][k * micro_per_step:(k + 1) * micro_per_step]
 
     def checkpoint(step: int) -> None:
+        state.update(tokens=tokens, supervised_tokens=supervised, seconds=seconds, health=monitor.state(),
+                     recovery=recovery.state())
         accelerator.wait_for_everyone()
         with full_adapter_params(step_fn):  # collective under FSDP; only the main process writes
             opt = gathered_optimizer(step_fn, optimizer)
@@ -303,22 +326,28 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
             supervised += step_tokens
             step_loss = loss_total / max(step_tokens, 1)
             norm = clip_grad_norm(step_fn, params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf"))
-            if not (math.isfinite(step_loss) and math.isfinite(float(norm))):
-                optimizer.zero_grad(set_to_none=True)
-                what = f"step {step + 1}: loss {step_loss}, gradient norm {float(norm)}"
-                if tc.on_nonfinite == "stop":
-                    kept = latest_checkpoint(out / "checkpoints")
-                    raise TrainingError(f"{what} is not finite; stopped. The last good checkpoint is "
-                                        f"{kept or 'none (no checkpoint was written yet)'}. Lower training.lr, "
-                                        "check the data, or set training.on_nonfinite=skip")
-                log.warning("%s is not finite; step skipped (training.on_nonfinite=skip)", what)
+            problem = monitor.check_step(step + 1, step_loss, float(norm))
+            if problem is None:
+                lr = lr_at(step, total_steps, tc)
+                set_lr(optimizer, lr)
+                optimizer.step()
+                problem = monitor.check_weights(step + 1, _largest_weight(params, accelerator))
+            optimizer.zero_grad(set_to_none=True)
+            if problem is not None:
+                action, good, message = recovery.decide(problem)
+                if action == "stop":
+                    status, stopped_because = "diverged", message
+                    break
+                log.warning(message)
                 done = step + 1
+                if action == "rollback":
+                    restore(good)
+                    monitor.forget_after(load_trainer_state(good)["step"])
+                    checkpoint(done)  # the newest checkpoint holds good weights again (a resume starts from them)
+                    saved_at = done
                 bar.update(1)
                 continue
-            lr = lr_at(step, total_steps, tc)
-            set_lr(optimizer, lr)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            recovery.accepted()
             seconds += time.perf_counter() - t0
             last_loss = step_loss
             done = step + 1
@@ -343,7 +372,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
                     state.update(best_eval_loss=eval_loss, best_step=done, bad_evals=0)
                     with full_adapter_params(step_fn):
                         if main:
-                            save_adapter(named, out / "best_adapter")
+                            replace_keeping_foreign(out / "best_adapter", lambda d: save_adapter(named, d))
                 else:
                     state["bad_evals"] += 1
                 metrics.write({"step": done, "eval_loss": round(eval_loss, 6)})
@@ -366,21 +395,31 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     if status == "interrupted":
         log.warning("interrupted at step %d; checkpoint saved. Resume with: qlora-kit train CONFIG.yaml --resume "
                     "training.output_dir=%s", done, out)
-    else:
+    elif status != "diverged":
         if saved_at != done:
             checkpoint(done)
         with full_adapter_params(step_fn):
             if main:
-                save_adapter(named, out / "adapter")
-                tokenizer.save_pretrained(str(out / "adapter"))
+                replace_keeping_foreign(out / "adapter", lambda d: (save_adapter(named, d),
+                                                                    tokenizer.save_pretrained(str(d))))
         accelerator.wait_for_everyone()
         adapter_dir = out / "adapter"
     result = TrainResult(out, adapter_dir, status, done, tokens, supervised, seconds, _peak_memory_mb(),
-                         last_loss, eval_loss, state["best_eval_loss"], state["best_step"])
+                         last_loss, eval_loss, state["best_eval_loss"], state["best_step"], stopped_because)
     if main:
         metrics.plot(out / "loss.png")
-        _write_summary(out, result)
+        write_summary(out, result)
+    if stopped_because is not None:
+        raise RunDiverged(stopped_because)
     return result
+
+
+def _largest_weight(params: list[torch.Tensor], accelerator) -> float:
+    """The adapter weights' largest magnitude; summed over ranks (same decision everywhere; an upper bound)."""
+    largest = largest_weight(params)
+    if accelerator.num_processes > 1:
+        largest = accelerator.reduce(torch.tensor([largest], dtype=torch.float64, device=accelerator.device), "sum").item()
+    return largest
 
 
 def _peak_memory_mb() -> float:
@@ -408,18 +447,3 @@ def _write_run_info(out: Path, config: TrainConfig, stats, world: int, checkpoin
     atomic_write_json(out / "run_info.json", {"versions": _versions(), "seed": config.training.seed,
                                               "world_size": world, "gradient_checkpointing": checkpointing,
                                               "data": dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else stats})
-
-
-def _write_summary(out: Path, result: TrainResult) -> None:
-    from .atomic import atomic_write_json
-
-    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(result).items()}
-    summary["tokens_per_s"] = round(result.tokens_per_s, 2)
-    atomic_write_json(out / "summary.json", summary)
-    lines = [f"{result.status}: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.0f} s "
-             f"({result.tokens_per_s:.0f} tokens/s), peak memory {result.peak_memory_mb:.0f} MB"]
-    if result.best_eval_loss is not None:
-        lines.append(f"validation loss {result.eval_loss:.4f} (best {result.best_eval_loss:.4f} at step {result.best_step})")
-    if result.adapter_dir:
-        lines.append(f"adapter: {result.adapter_dir}   plot: {out / 'loss.png'}   metrics: {out / 'metrics.jsonl'}")
-    log.info("\n".join(lines))

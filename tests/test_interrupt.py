@@ -179,3 +179,44 @@ def test_kill_9_at_five_random_points_then_resume_is_bit_identical(tiny_model_di
     assert resumed == reference(), f"kill points {points} (QLORA_KIT_KILL_SEED={seed}) changed the result"
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))  # the log of the killed runs was trimmed back on each resume
+
+
+def test_interrupting_a_resumed_run_before_its_first_evaluation_writes_a_whole_run_summary(tiny_model_dir, tmp_path,
+                                                                                          monkeypatch):
+    # in-process: SIGINT to ourselves right after a step is logged (as tests/test_train.py does)
+    from test_train import _config, _interrupt_at
+
+    from qlora_kit.train import train
+
+    steps = {"max_steps": 8, "save_every": 1, "eval_every": 4}
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 5)  # after the evaluation at step 4: the checkpoint holds a best validation loss
+        first = train(_config(tmp_path, tiny_model_dir, **steps), progress=False)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 6)  # the resumed session stops before its own first evaluation (step 8)
+        second = train(_config(tmp_path, tiny_model_dir, **steps), resume=True, progress=False)
+    assert first.status == second.status == "interrupted" and second.steps == 6
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_loss"] is None and summary["best_step"] == 4
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    per_step = [r["supervised_tokens"] for r in logged if "loss" in r]
+    assert len(per_step) == 6 and summary["supervised_tokens"] == sum(per_step) > sum(per_step[5:])
+    assert summary["tokens"] > second.tokens - first.tokens > 0 and summary["seconds"] > 0
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(tiny_model_dir, tmp_path):
+    config = _write_run(tmp_path, tiny_model_dir)
+    run = tmp_path / "run"
+    proc = _launch(_train_cmd(config), tmp_path, "twice")
+    _wait_for_step(proc, run, 2, tmp_path, "twice")
+    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + TIMEOUT
+    while "SIGINT received" not in (tmp_path / "twice.stderr").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    rc, _, err = _finish(proc, tmp_path, "twice")
+    assert rc == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # (tqdm closes its bar at exit, after it)
+    assert len(errors) == 1 and errors[0].startswith("error: interrupted again: stopped at once")
+    _assert_checkpoints_whole(run)
