@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write_json
-from .checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, resume_checkpoint
+from .checkpoint import (latest_checkpoint, list_checkpoints, load_trainer_state, resume_checkpoint,
+                         verify_checkpoint)
 from .config import ConfigError
 
 log = logging.getLogger("qlora_kit")
@@ -51,9 +52,11 @@ def read_summary(out: Path) -> dict | None:
 
 
 def _finished_summary(out: Path, ckpt: Path | None) -> dict | None:
-    """summary.json of a finished run whose outputs are still whole (its last checkpoint and adapter), else None."""
+    """summary.json of a finished run whose outputs are still whole (its last checkpoint, verified, and adapter)."""
     summary = read_summary(out)
     if not summary or summary.get("status") not in FINISHED or ckpt is None or not (out / "adapter").is_dir():
+        return None
+    if verify_checkpoint(ckpt):  # damaged since: resume goes through resume_checkpoint, which says what is wrong
         return None
     return summary if load_trainer_state(ckpt).get("step") == summary.get("steps") else None
 
