@@ -1,11 +1,11 @@
 """qlora-kit: quantized, low-memory LoRA fine-tuning of LLMs on one GPU or a CPU."""
-from .adapters import load_adapter, save_adapter
-from .config import ConfigError, LoraConfig, QuantConfig
-from .lora import (active_adapters, adapters_disabled, add_lora, parameter_report, set_active_adapters,
+from qlora_kit.model.adapters import load_adapter, save_adapter
+from qlora_kit.config import ConfigError, LoraConfig, QuantConfig
+from qlora_kit.model.lora import (active_adapters, adapters_disabled, add_lora, parameter_report, set_active_adapters,
                    set_rank)
-from .merge import merge_and_export
-from .memory import plan_memory
-from .model import load_model
+from qlora_kit.merging.merge import merge_and_export
+from qlora_kit.planning.memory import plan_memory
+from qlora_kit.model.load import load_model
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from qlora_kit.cli import main
 
 sys.exit(main())

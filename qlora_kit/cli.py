@@ -6,18 +6,18 @@ import logging
 import os
 import sys
 
-from .config import ConfigError
+from qlora_kit.config import ConfigError
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo_run import run_demo
+    from qlora_kit.demo.run import run_demo
 
     return run_demo(args)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_train_config
-    from .train import train
+    from qlora_kit.config import load_train_config
+    from qlora_kit.training.recipe import train
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)  # only overrides, no YAML file
@@ -36,8 +36,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .config import load_train_config
-    from .validate import validate_run
+    from qlora_kit.config import load_train_config
+    from qlora_kit.training.validate import validate_run
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)  # only overrides, no YAML file
@@ -49,10 +49,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .adapters import load_adapter
-    from .generate import generate
-    from .model import load_model
-    from .train import resolve_model_path
+    from qlora_kit.model.adapters import load_adapter
+    from qlora_kit.inference.generate import generate
+    from qlora_kit.model.load import load_model
+    from qlora_kit.training.recipe import resolve_model_path
 
     model, tokenizer = load_model(resolve_model_path(args.model), compute_dtype=args.compute_dtype)
     for i, adapter in enumerate(args.adapter or []):
@@ -73,8 +73,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_and_export
-    from .verify import VerificationError, format_summary
+    from qlora_kit.merging.merge import merge_and_export
+    from qlora_kit.merging.verify import VerificationError, format_summary
 
     try:
         report = merge_and_export(args.base, args.adapter, args.out, merge_base=args.merge_base, dtype=args.dtype,
@@ -89,7 +89,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapter_resize(args: argparse.Namespace) -> int:
-    from .resize import adapter_resize, format_resize_summary
+    from qlora_kit.merging.resize import adapter_resize, format_resize_summary
 
     report = adapter_resize(args.adapter, args.out, args.rank, overwrite=args.overwrite)
     print(format_resize_summary(report))
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--overwrite", action="store_true", help="replace an earlier resize output at --out")
     rs.set_defaults(func=_cmd_adapter_resize)
 
-    from .rank_sweep import add_parser as add_rank_sweep_parser
+    from qlora_kit.inference.rank_sweep import add_parser as add_rank_sweep_parser
 
     add_rank_sweep_parser(sub)  # rank-sweep: evaluate a dynamic-rank adapter at several ranks, recommend one
 
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .memory import plan_memory
+    from qlora_kit.planning.memory import plan_memory
 
     plan = plan_memory(args.model, seq_len=args.seq_len, batch=args.batch, rank=args.rank, targets=args.targets,
                        optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing == "on",
@@ -192,7 +192,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                        device=args.device, offload=args.offload)
     print(plan)
     if args.offload != "none":
-        from .offload_plan import offload_traffic, page_cache_for_weights
+        from qlora_kit.planning.offload import offload_traffic, page_cache_for_weights
 
         cache = page_cache_for_weights(plan, plan.device_memory) if args.offload == "disk" and plan.device_memory else 0
         print(offload_traffic(args.model, args.offload, args.grad_checkpointing == "on", compute_dtype=args.compute_dtype,
@@ -221,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(e: Exception) -> bool:
     """Errors that describe bad input or a failed write, whose message already says what to do."""
-    from .adapters import AdapterMismatchError
-    from .atomic import WriteError
-    from .data import DataError
-    from .train import TrainingError
+    from qlora_kit.model.adapters import AdapterMismatchError
+    from qlora_kit.atomic import WriteError
+    from qlora_kit.data.core import DataError
+    from qlora_kit.training.recipe import TrainingError
 
     return isinstance(e, (ConfigError, DataError, AdapterMismatchError, TrainingError, WriteError, FileExistsError))
 

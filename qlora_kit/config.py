@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from .config_aliases import suggest
-from .config_yaml import (ConfigError, apply_overrides, compose_file, key_line, line_of, load_yaml,  # noqa: F401
+from qlora_kit.config_aliases import suggest
+from qlora_kit.config_yaml import (ConfigError, apply_overrides, compose_file, key_line, line_of, load_yaml,  # noqa: F401
                           parse_override)
 
 _INTERVAL = re.compile(r"^([\[(])([^,\s]+), ([^,\s]+)([\])])$")

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from .config import ConfigError
+from qlora_kit.config import ConfigError
 
 
 class OutputPathError(ConfigError):

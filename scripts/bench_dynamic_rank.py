@@ -30,13 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qlora_kit.atomic import atomic_write_json  # noqa: E402
-from qlora_kit.data import load_records, prepare_data  # noqa: E402
-from qlora_kit.demo import demo_model_path  # noqa: E402
-from qlora_kit.demo_run import demo_config  # noqa: E402
-from qlora_kit.demo_task import evaluate_exact_match, write_demo_dataset  # noqa: E402
-from qlora_kit.lora import set_rank  # noqa: E402
-from qlora_kit.model import load_model  # noqa: E402
-from qlora_kit.train import evaluate_loss, train  # noqa: E402
+from qlora_kit.data.core import load_records, prepare_data  # noqa: E402
+from qlora_kit.demo.model import demo_model_path  # noqa: E402
+from qlora_kit.demo.run import demo_config  # noqa: E402
+from qlora_kit.demo.task import evaluate_exact_match, write_demo_dataset  # noqa: E402
+from qlora_kit.model.lora import set_rank  # noqa: E402
+from qlora_kit.model.load import load_model  # noqa: E402
+from qlora_kit.training.recipe import evaluate_loss, train  # noqa: E402
 
 
 def _ints(text: str) -> list[int]:
@@ -97,7 +97,7 @@ def main() -> int:
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     if args.proxy:
-        from qlora_kit.tiny import make_tiny_model
+        from qlora_kit.testing.tiny import make_tiny_model
 
         path = out / "proxy-model"
         if not (path / "config.json").is_file():

@@ -5,7 +5,7 @@
    generated, the shard written, then freed), so the writer never holds the model.
 2. Loads it in 4-bit NF4 + double quant with qlora_kit.load_model (transformers streams shard by shard).
 3. Attaches LoRA to every linear layer and runs --steps optimizer steps with gradient checkpointing.
-4. Saves the adapter, and merges it with qlora_kit.merge.merge_and_export (streaming export) unless --no-merge.
+4. Saves the adapter, and merges it with qlora_kit.merging.merge.merge_and_export (streaming export) unless --no-merge.
 
 For each phase it records wall time, peak RSS and peak anonymous RSS (RssAnon, sampled every millisecond;
 RSS also counts the mmapped safetensors pages, which are reclaimable page cache) and the planner's
@@ -18,7 +18,7 @@ deleted at the end unless --keep. A benchmark, not a test: run it on a quiet mac
 With ``--offload disk`` it shows the larger-than-memory path instead (defaults: a Llama-3-70B-shaped config,
 fp32 compute, sequence 32, one step):
 
-1. Writes the 4-bit layout directly (``qlora_kit.offload.OffloadWriter``): random NF4 codes for every linear
+1. Writes the 4-bit layout directly (``qlora_kit.offload.runtime.OffloadWriter``): random NF4 codes for every linear
    layer with the absmax statistics of a quantized N(0, 0.02) weight of that shape, and random embeddings and
    head in the compute dtype. No 16-bit checkpoint is ever written.
 2. Measures the disk's cold sequential read bandwidth on that file.
@@ -102,7 +102,7 @@ def write_checkpoint(cfg, out: Path, shard_bytes: float) -> int:
     from safetensors.torch import save_file
 
     from qlora_kit.atomic import atomic_write_json
-    from qlora_kit.tiny import build_tokenizer
+    from qlora_kit.testing.tiny import build_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
@@ -154,9 +154,9 @@ def main(argv=None) -> int:
         return run_offload(args, llama_config(args))
     from qlora_kit import LoraConfig, add_lora, save_adapter
     from qlora_kit.atomic import atomic_write_json
-    from qlora_kit.measure import PhaseRecorder, make_optimizer, read_status, train_steps
-    from qlora_kit.memory import plan_memory
-    from qlora_kit.model import load_model, model_bytes
+    from qlora_kit.testing.measure import PhaseRecorder, make_optimizer, read_status, train_steps
+    from qlora_kit.planning.memory import plan_memory
+    from qlora_kit.model.load import load_model, model_bytes
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     out = Path(args.out)
@@ -196,9 +196,9 @@ def main(argv=None) -> int:
         del model, opt
         if not args.no_merge:
             try:
-                from qlora_kit.merge import merge_and_export
+                from qlora_kit.merging.merge import merge_and_export
             except ImportError:
-                print("qlora_kit.merge.merge_and_export is not available: merge skipped")
+                print("qlora_kit.merging.merge.merge_and_export is not available: merge skipped")
             else:
                 phase("merge + export", merge_and_export, ckpt, adapter, merged, overwrite=True, verify=False,
                       progress=False)

@@ -4,7 +4,7 @@ Runs the same fine-tune (SmolLM2-135M-Instruct, the demo task, LoRA r=16 alpha=3
 batch 8, lr 2e-4 cosine with 5 warmup steps, max_seq_len 256, seed 42, response-only loss) in separate
 subprocesses, one after another:
 
-  ours          qlora_kit.train.train with its defaults (compute dtype auto, checkpointing auto, adamw_8bit)
+  ours          qlora_kit.training.recipe.train with its defaults (compute dtype auto, checkpointing auto, adamw_8bit)
   peer-default  TRL SFTTrainer + PEFT + bnb NF4 + double quant, the standard QLoRA recipe: bf16 compute
                 (bf16=True), prepare_model_for_kbit_training with gradient checkpointing, adamw_torch;
                 timed over --peer-default-steps steps (2, no validation) unless 0 is given: on a CPU without native bf16
@@ -128,8 +128,8 @@ def useful_flops(counts: dict, tokens: int, supervised: int) -> float:
 def prepare_examples(data_dir: Path, model_path: Path):
     """qlora-kit's tokenisation of the demo records: (train examples, eval examples, tokenizer)."""
     from qlora_kit.config import DataConfig
-    from qlora_kit.data import prepare_data
-    from qlora_kit.validate import load_tokenizer
+    from qlora_kit.data.core import prepare_data
+    from qlora_kit.training.validate import load_tokenizer
 
     tokenizer = load_tokenizer(model_path, False)
     cfg = DataConfig(train_file=str(data_dir / "train.jsonl"), eval_file=str(data_dir / "eval.jsonl"),
@@ -145,7 +145,7 @@ def validation_loss(model, examples, pad_id: int, autocast_bf16: bool = False) -
     import torch
     import torch.nn.functional as F
 
-    from qlora_kit.data import collate
+    from qlora_kit.data.core import collate
 
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -168,9 +168,9 @@ def validation_loss(model, examples, pad_id: int, autocast_bf16: bool = False) -
 def worker_ours(args) -> dict:
     import torch
 
-    from qlora_kit.demo_run import demo_config
-    from qlora_kit.lora import lora_layers
-    from qlora_kit.train import train
+    from qlora_kit.demo.run import demo_config
+    from qlora_kit.model.lora import lora_layers
+    from qlora_kit.training.recipe import train
 
     torch.set_num_threads(args.threads)
     model_path, data_dir, out = Path(args.model), Path(args.data), Path(args.out)
@@ -180,7 +180,7 @@ def worker_ours(args) -> dict:
     config.training.save_every = 0
     config.training.max_steps = args.max_steps
     config.training.seed = SEED
-    from qlora_kit.model import load_model
+    from qlora_kit.model.load import load_model
 
     model, tokenizer = load_model(model_path)  # defaults: NF4 + double quant, compute dtype auto (as the demo does)
     result = train(config, progress=False, model=model, tokenizer=tokenizer)
@@ -333,8 +333,8 @@ def main() -> int:
         run_worker(args)
         return 0
 
-    from qlora_kit.demo import demo_model_path
-    from qlora_kit.demo_task import write_demo_dataset
+    from qlora_kit.demo.model import demo_model_path
+    from qlora_kit.demo.task import write_demo_dataset
 
     out = Path(args.out)
     model = demo_model_path()

@@ -13,7 +13,7 @@ import sys
 from qlora_kit import merge_and_export
 from qlora_kit.atomic import WriteError
 from qlora_kit.config import ConfigError
-from qlora_kit.verify import format_summary
+from qlora_kit.merging.verify import format_summary
 
 
 def main(argv: list[str] | None = None) -> int:

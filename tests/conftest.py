@@ -12,7 +12,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama (2 layers, hidden 64) with a BPE tokenizer and a chat template, in fp32 safetensors."""
-    from qlora_kit.tiny import make_tiny_model
+    from qlora_kit.testing.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
@@ -20,7 +20,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_model_dir():
     """The real SmolLM2-135M-Instruct, converted once and cached (only for tests marked real_model)."""
-    from qlora_kit.demo import demo_model_path
+    from qlora_kit.demo.model import demo_model_path
 
     return demo_model_path()
 
@@ -38,7 +38,7 @@ def load_tiny(path, **kwargs):
 def tiny_adapter_dir(tiny_model_dir, tmp_path_factory):
     """A rank-4 adapter on all linear layers of the tiny model, with random (non-zero) B, saved by qlora-kit."""
     from qlora_kit import LoraConfig, add_lora, save_adapter
-    from qlora_kit.lora import lora_layers
+    from qlora_kit.model.lora import lora_layers
 
     model, _ = load_tiny(tiny_model_dir)
     add_lora(model, LoraConfig(r=4, alpha=8))

@@ -6,8 +6,8 @@ import torch
 
 from qlora_kit import (LoraConfig, adapters_disabled, add_lora, load_adapter, save_adapter,
                        set_active_adapters)
-from qlora_kit.adapters import AdapterMismatchError
-from qlora_kit.lora import lora_layers
+from qlora_kit.model.adapters import AdapterMismatchError
+from qlora_kit.model.lora import lora_layers
 
 from conftest import load_tiny
 
@@ -73,7 +73,7 @@ def test_peft_loads_our_adapter_and_we_load_peft_adapter(tiny_model_dir, tmp_pat
 
 
 def test_adapter_from_another_base_is_a_clear_error(tiny_model_dir, tmp_path):
-    from qlora_kit.tiny import make_tiny_model
+    from qlora_kit.testing.tiny import make_tiny_model
 
     other_dir = make_tiny_model(tmp_path / "wide", hidden_size=96, intermediate_size=160)
     other, _ = load_tiny(other_dir)
@@ -156,7 +156,7 @@ BAD_CONFIGS = {  # what is wrong -> (edit, a word the error must name)
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
 def test_bad_adapter_config_is_one_config_error_naming_file_and_field(tiny_adapter_dir, tmp_path, case):
     from qlora_kit import ConfigError
-    from qlora_kit.adapters import read_adapter
+    from qlora_kit.model.adapters import read_adapter
 
     edit, word = BAD_CONFIGS[case]
     bad = _adapter_with(tmp_path, tiny_adapter_dir, edit)

@@ -23,13 +23,13 @@ import pytest
 import torch
 import yaml
 
-from qlora_kit.checkpoint import (STATE_FILE, CheckpointError, latest_good_checkpoint, list_checkpoints,
+from qlora_kit.training.checkpoint import (STATE_FILE, CheckpointError, latest_good_checkpoint, list_checkpoints,
                                   load_optimizer_state, load_trainer_state, read_checkpoint_adapter, save_checkpoint,
                                   verify_checkpoint)
 from qlora_kit.cli import _is_user_error
 from qlora_kit.config import ConfigError, load_train_config
-from qlora_kit.manifest import MANIFEST_FILE
-from qlora_kit.train import train
+from qlora_kit.training.manifest import MANIFEST_FILE
+from qlora_kit.training.recipe import train
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "robot"]
 ADAPTER, OPT, OPT_JSON = "adapter_model.safetensors", "optimizer.safetensors", "optimizer.json"
@@ -257,7 +257,7 @@ def test_resume_falls_back_past_a_bad_latest_checkpoint(interrupted, reference, 
 
 
 def test_resume_stops_with_one_line_when_no_checkpoint_verifies(interrupted, tiny_model_dir, tmp_path, monkeypatch):
-    import qlora_kit.train as train_mod
+    import qlora_kit.training.recipe as train_mod
 
     root = _copy_run(interrupted, tmp_path)
     for ckpt in list_checkpoints(root):

@@ -157,7 +157,7 @@ def test_a_config_built_in_python_gets_every_sections_checks(section, message):
 
 
 def test_train_on_a_python_built_config_checks_the_training_section_first(tmp_path):
-    from qlora_kit.train import train
+    from qlora_kit.training.recipe import train
 
     cfg = TrainConfig(model=ModelConfig(path=str(tmp_path / "no-model")), data=DataConfig(train_file="d.jsonl"),
                       training=TrainingConfig(output_dir=str(tmp_path / "run"), max_steps=-1))

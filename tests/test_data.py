@@ -6,8 +6,8 @@ import torch
 
 from qlora_kit import data as D
 from qlora_kit.config import DataConfig
-from qlora_kit.data import DataError, Example, collate, make_batches, prepare_data, tokenize_example
-from qlora_kit.tiny import build_tokenizer
+from qlora_kit.data.core import DataError, Example, collate, make_batches, prepare_data, tokenize_example
+from qlora_kit.testing.tiny import build_tokenizer
 
 from conftest import load_tiny
 
@@ -288,7 +288,7 @@ def test_packed_logits_equal_each_example_alone(tiny_model_dir, tok, attn):
 
 
 def test_packed_loss_equals_sum_of_losses_alone(tiny_model_dir, tok):
-    from qlora_kit.loss import causal_lm_loss
+    from qlora_kit.training.loss import causal_lm_loss
 
     model, _ = load_tiny(tiny_model_dir)
     recs = [{"text": "0123456789 abc"}, {"prompt": "Convert 2024-03-05", "completion": "March fifth, 2024."},

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from qlora_kit.demo_task import (
+from qlora_kit.demo.task import (
     evaluate_exact_match,
     exact_match,
     make_demo_dataset,
@@ -136,7 +136,7 @@ def test_write_demo_dataset_round_trips(tmp_path, dataset):
 
 
 def test_evaluate_exact_match_renders_prompts_and_scores(monkeypatch, dataset):
-    import qlora_kit.generate as gen
+    import qlora_kit.inference.generate as gen
 
     records = dataset[1][:3]
     seen = {}

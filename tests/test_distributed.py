@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_kit.config import load_train_config
-from qlora_kit.train import TrainingError, train
+from qlora_kit.training.recipe import TrainingError, train
 
 LAUNCH_TIMEOUT = 150  # seconds per launch; a hang fails the test instead of blocking CI
 ATOL = 1e-6  # adapters of 1 vs 2 processes differ only by float summation order (fp32 compute)
@@ -48,7 +48,7 @@ def mkdir_(path, *a, **k):
     return real_mkdir(path, *a, **k)
 builtins.open, os.replace, os.mkdir = open_, replace_, mkdir_
 
-import qlora_kit.train as T
+import qlora_kit.training.recipe as T
 real_accumulate = T.accumulate_gradients
 def accumulate(step_fn, accelerator, micro_batches, step_tokens):
     step = len(seen) + 1
@@ -224,7 +224,7 @@ def test_fsdp_wrap_policy_units(tiny_model_dir):
 
     from conftest import load_tiny
     from qlora_kit import LoraConfig, add_lora
-    from qlora_kit.distributed import _is_lora_unit, decoder_layer_classes, fsdp_wrap_policy
+    from qlora_kit.training.distributed import _is_lora_unit, decoder_layer_classes, fsdp_wrap_policy
 
     model, _ = load_tiny(tiny_model_dir)
     add_lora(model, LoraConfig(r=4))
@@ -239,7 +239,7 @@ def test_fsdp_wrap_policy_units(tiny_model_dir):
 
 def test_plan_divides_sharded_state_by_devices_and_replicates_under_ddp(capsys):
     from qlora_kit.cli import main
-    from qlora_kit.memory import plan_memory
+    from qlora_kit.planning.memory import plan_memory
 
     one = plan_memory("llama-3.1-70b", optimizer="adamw")
     fsdp = plan_memory("llama-3.1-70b", optimizer="adamw", devices=4, strategy="fsdp")

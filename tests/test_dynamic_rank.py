@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 
 from qlora_kit import LoraConfig, add_lora, load_adapter, merge_and_export, save_adapter
-from qlora_kit.adapters import read_adapter
+from qlora_kit.model.adapters import read_adapter
 from qlora_kit.config import ConfigError
-from qlora_kit.lora import lora_layers, sample_rank, set_rank
-from qlora_kit.train import _step_seed, train
+from qlora_kit.model.lora import lora_layers, sample_rank, set_rank
+from qlora_kit.training.recipe import _step_seed, train
 
 from conftest import load_tiny
 from test_train import _config, _interrupt_at
@@ -195,7 +195,7 @@ def test_full_rank_without_sampling_is_ordinary_lora(tmp_path, tiny_model_dir):
 
 def test_rank_sweep_recommends_the_smallest_rank_within_tolerance(tiny_model_dir, dynamic_dir, tmp_path):
     from qlora_kit.cli import main
-    from qlora_kit.rank_sweep import SweepRow, recommend
+    from qlora_kit.inference.rank_sweep import SweepRow, recommend
 
     rows = [SweepRow(1, 2.0), SweepRow(2, 1.03), SweepRow(4, 1.0), SweepRow(8, 1.01)]
     assert recommend(rows, 0.02) == 4 and recommend(rows, 0.05) == 2 and recommend(rows, 1.5) == 1

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from qlora_kit.config import (ConfigError, DataConfig, LoraConfig, ModelConfig, QuantConfig, TrainConfig,
                               TrainingConfig, from_dict, load_train_config, to_dict)
-from qlora_kit.data import DataError, FORMAT_FIELDS, prepare_data
-from qlora_kit.tiny import build_tokenizer
+from qlora_kit.data.core import DataError, FORMAT_FIELDS, prepare_data
+from qlora_kit.testing.tiny import build_tokenizer
 
 FUZZ = settings(deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,

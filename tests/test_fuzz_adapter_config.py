@@ -15,11 +15,11 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from qlora_kit.adapter_check import CONFIG_FILE, PREFIX, WEIGHTS_FILE, check_adapter
-from qlora_kit.adapters import AdapterMismatchError, load_adapter
+from qlora_kit.model.adapter_check import CONFIG_FILE, PREFIX, WEIGHTS_FILE, check_adapter
+from qlora_kit.model.adapters import AdapterMismatchError, load_adapter
 from qlora_kit.cli import main
 from qlora_kit.config import ConfigError
-from qlora_kit.lora import lora_layers
+from qlora_kit.model.lora import lora_layers
 
 from conftest import load_tiny
 from test_fuzz import FUZZ, texts, values

@@ -5,7 +5,7 @@ import math
 import torch
 
 from qlora_kit.cli import main
-from qlora_kit.health import HealthLimits, HealthMonitor, largest_weight
+from qlora_kit.training.health import HealthLimits, HealthMonitor, largest_weight
 
 
 def _feed(monitor, losses, norms=None):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_kit.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
+from qlora_kit.training.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
 
 STEPS = 48  # steps take 0.02-0.1 s (idle vs loaded); process start-up (~5 s) dominates
 TIMEOUT = 120  # seconds any one process may take before the test gives up
@@ -186,7 +186,7 @@ def test_interrupting_a_resumed_run_before_its_first_evaluation_writes_a_whole_r
     # in-process: SIGINT to ourselves right after a step is logged (as tests/test_train.py does)
     from test_train import _config, _interrupt_at
 
-    from qlora_kit.train import train
+    from qlora_kit.training.recipe import train
 
     steps = {"max_steps": 8, "save_every": 1, "eval_every": 4}
     with monkeypatch.context() as m:

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from qlora_kit import ConfigError, LoraConfig, add_lora, parameter_report
-from qlora_kit.lora import LoraLinear, resolve_targets
-from qlora_kit.quant import dequantize_weight
+from qlora_kit.model.lora import LoraLinear, resolve_targets
+from qlora_kit.model.quant import dequantize_weight
 
 from conftest import load_tiny
 

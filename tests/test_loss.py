@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlora_kit import LoraConfig, add_lora
-from qlora_kit.loss import causal_lm_loss, supervised_loss
+from qlora_kit.training.loss import causal_lm_loss, supervised_loss
 
 from conftest import load_tiny
 

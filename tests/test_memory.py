@@ -1,7 +1,7 @@
 """The memory planner: arithmetic checks, the CLI, and the planner against measured peaks (±15%).
 
 Measured peaks are anonymous memory (RssAnon) of a fresh subprocess minus its post-import baseline and
-minus the runtime's own growth (qlora_kit.measure: ``peak_tensors``); the planner's comparable figure is its
+minus the runtime's own growth (qlora_kit.testing.measure: ``peak_tensors``); the planner's comparable figure is its
 total minus the framework overhead.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qlora_kit.config import ConfigError, QuantConfig
-from qlora_kit.memory import architecture, parse_bytes, plan_memory, quantized_bytes, shipped_configs
+from qlora_kit.planning.memory import architecture, parse_bytes, plan_memory, quantized_bytes, shipped_configs
 
 TOLERANCE = 0.15
 # Random-weight Llamas (bf16 on disk; the tiny tokenizer's 384-token vocabulary, so the blocks hold the weights).
@@ -29,7 +29,7 @@ SPECS = {
 @pytest.fixture(scope="module")
 def random_models(tmp_path_factory):
     """Build a random bf16 Llama of a named size on first use."""
-    from qlora_kit.tiny import make_tiny_model
+    from qlora_kit.testing.tiny import make_tiny_model
 
     built = {}
 
@@ -42,7 +42,7 @@ def random_models(tmp_path_factory):
 
 
 def planned_vs_measured(path, seq_len, batch, checkpointing, loss="chunked"):
-    from qlora_kit.measure import measure_training_peak
+    from qlora_kit.testing.measure import measure_training_peak
 
     m = measure_training_peak(path, seq_len=seq_len, batch=batch, grad_checkpointing=checkpointing, loss=loss,
                               optimizer="adamw", compute_dtype="bf16")
@@ -69,7 +69,7 @@ def test_nf4_double_quant_is_4_127_bits():
 def test_planned_weights_match_loaded_model(tiny_model_dir):
     """The 4-bit + unquantized rows equal model_bytes of the really loaded model (fp32 compute) within 1%."""
     from conftest import load_tiny
-    from qlora_kit.model import model_bytes
+    from qlora_kit.model.load import model_bytes
 
     model, _ = load_tiny(tiny_model_dir)
     plan = plan_memory(tiny_model_dir, compute_dtype="fp32")
@@ -158,8 +158,8 @@ def test_planner_within_15_percent_tiny(random_models, checkpointing):
 
 def test_4bit_load_peak_is_far_below_bf16_size(tmp_path):
     """Scaled-down scale run: a model whose bf16 shards exceed a bound loads in 4-bit well under that bound."""
-    from qlora_kit.measure import measure_training_peak
-    from qlora_kit.tiny import make_tiny_model
+    from qlora_kit.testing.measure import measure_training_peak
+    from qlora_kit.testing.tiny import make_tiny_model
 
     path = make_tiny_model(tmp_path / "m", dtype=torch.bfloat16, hidden_size=1024, intermediate_size=2816,
                            num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8)

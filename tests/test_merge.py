@@ -13,10 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qlora_kit import LoraConfig, add_lora, load_adapter, merge_and_export, save_adapter
-from qlora_kit.adapters import read_adapter
-from qlora_kit.lora import lora_layers
-from qlora_kit.merge import MergeError
-from qlora_kit.quant import dequantize_weight
+from qlora_kit.model.adapters import read_adapter
+from qlora_kit.model.lora import lora_layers
+from qlora_kit.merging.merge import MergeError
+from qlora_kit.model.quant import dequantize_weight
 
 from conftest import load_tiny
 
@@ -111,7 +111,7 @@ def test_merged_logits_match_adapter_model_and_load_with_transformers(tiny_model
 
 
 def test_adapter_from_another_base_is_refused_and_nothing_written(adapter_dir, tmp_path):
-    from qlora_kit.tiny import make_tiny_model
+    from qlora_kit.testing.tiny import make_tiny_model
 
     other = make_tiny_model(tmp_path / "wide", hidden_size=96, intermediate_size=160)
     with pytest.raises(MergeError, match="does not fit this base model.*down_proj: adapter A"):
@@ -152,7 +152,7 @@ def test_missing_shard_is_a_clear_error_and_nothing_written(tiny_model_dir, adap
 
 
 def test_tied_embeddings_with_trained_head_are_untied(tmp_path):
-    from qlora_kit.tiny import make_tiny_model
+    from qlora_kit.testing.tiny import make_tiny_model
 
     base = make_tiny_model(tmp_path / "tied", tie_word_embeddings=True)
     _random_adapter(base, tmp_path / "ad", target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
@@ -189,9 +189,9 @@ import json, sys
 import bitsandbytes.functional, torch, transformers
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from qlora_kit.config import QuantConfig
-from qlora_kit.merge import merge_and_export
-from qlora_kit.quant import quantize_roundtrip
-import qlora_kit.export
+from qlora_kit.merging.merge import merge_and_export
+from qlora_kit.model.quant import quantize_roundtrip
+import qlora_kit.merging.write
 quantize_roundtrip(torch.randn(64, 64), QuantConfig())  # load the kernels before the baseline
 
 def status(key):
@@ -222,7 +222,7 @@ def _peft_style_adapter(base: Path, out: Path, r=8):
 def test_streaming_merge_peak_rss_stays_under_two_shards_plus_slack(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora_kit.tiny import build_tokenizer
+    from qlora_kit.testing.tiny import build_tokenizer
 
     base, shard = tmp_path / "synthetic", 24 * 2**20
     torch.manual_seed(0)
@@ -246,7 +246,7 @@ def test_streaming_merge_peak_rss_stays_under_two_shards_plus_slack(tmp_path):
 
 
 def test_adapter_resize_keeps_all_energy_at_full_rank_and_the_best_rank_k(adapter_dir, tmp_path):
-    from qlora_kit.resize import adapter_resize
+    from qlora_kit.merging.resize import adapter_resize
 
     full = adapter_resize(adapter_dir, tmp_path / "r4", 4)
     assert min(full["layers"].values()) == pytest.approx(1.0, abs=1e-9)
@@ -275,7 +275,7 @@ def test_requantize_reports_a_small_delta_as_lost(tiny_model_dir, tmp_path):
     rq = report["requantized"]
     assert rq["weight_delta_retained"] < 0.3 and rq["error_rel_to_delta"] > 0.7 and rq["adapter_lost"]
     assert report["verification"]["logit_effect_retained"] < 0.5
-    from qlora_kit.verify import format_summary
+    from qlora_kit.merging.verify import format_summary
 
     assert "THE ADAPTER IS LOST" in format_summary(report)
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
@@ -287,7 +287,7 @@ def test_requantize_reports_a_small_delta_as_lost(tiny_model_dir, tmp_path):
 @pytest.mark.real_model
 def test_demo_model_merge_generates_like_the_adapter_model(demo_model_dir, tmp_path):
     """SmolLM2-135M with a random-B adapter on q/v (the trained demo adapter when it exists)."""
-    from qlora_kit.model import load_model
+    from qlora_kit.model.load import load_model
 
     model, tok = load_model(demo_model_dir, compute_dtype="fp32", device="cpu")
     add_lora(model, LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from qlora_kit import LoraConfig, add_lora, merge_and_export, save_adapter
-from qlora_kit.lora import LoraLinear
-from qlora_kit.offload import DATA_NAME, INDEX_NAME, is_file_backed, map_offloaded, offload_base, stream_layers
-from qlora_kit.quant import is_4bit
+from qlora_kit.model.lora import LoraLinear
+from qlora_kit.offload.runtime import DATA_NAME, INDEX_NAME, is_file_backed, map_offloaded, offload_base, stream_layers
+from qlora_kit.model.quant import is_4bit
 
 from conftest import load_tiny
 
@@ -36,7 +36,7 @@ def _lora_model(path, **load):
 
 
 def _packed(model):
-    from qlora_kit.offload import _layers
+    from qlora_kit.offload.runtime import _layers
 
     return dict(_layers(model))
 
@@ -44,7 +44,7 @@ def _packed(model):
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_disk_offload_gives_identical_loss_and_lora_grads(tiny_model_dir, tmp_path, fused, checkpointing):
-    from qlora_kit.fused import set_fused
+    from qlora_kit.model.fused import set_fused
 
     set_fused(fused)
     try:
@@ -102,7 +102,7 @@ def test_offloaded_weights_are_file_backed_and_index_is_json(tiny_model_dir, tmp
 
 
 def test_save_merge_generate_after_offload(tiny_model_dir, tmp_path):
-    from qlora_kit.generate import generate
+    from qlora_kit.inference.generate import generate
 
     ref, tok = _lora_model(tiny_model_dir)
     model, _ = _lora_model(tiny_model_dir)
@@ -146,8 +146,8 @@ _RSS_SCRIPT = r"""
 import ctypes, gc, json, sys
 sys.path.insert(0, sys.argv[3])
 from conftest import load_tiny
-from qlora_kit.offload import offload_base
-from qlora_kit.model import footprint
+from qlora_kit.offload.runtime import offload_base
+from qlora_kit.model.load import footprint
 
 def anon():
     gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -165,7 +165,7 @@ print(json.dumps({"before": before, "after": after, "offloaded": s["bytes"],
 
 
 def test_rss_anon_drops_by_the_packed_bytes(tmp_path):
-    from qlora_kit.tiny import make_tiny_model
+    from qlora_kit.testing.tiny import make_tiny_model
 
     big = make_tiny_model(tmp_path / "big", hidden_size=1024, intermediate_size=2816, num_hidden_layers=4)
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(big), str(tmp_path / "off"),
@@ -179,7 +179,7 @@ def test_rss_anon_drops_by_the_packed_bytes(tmp_path):
 
 def test_config_field_and_train_with_disk_offload_match(tmp_path, tiny_model_dir):
     from qlora_kit.config import ConfigError, load_train_config
-    from qlora_kit.train import train
+    from qlora_kit.training.recipe import train
     from test_train import _config
 
     with pytest.raises(ConfigError, match="model.offload"):

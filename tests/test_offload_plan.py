@@ -2,7 +2,7 @@
 import pytest
 
 from qlora_kit import plan_memory
-from qlora_kit.offload_plan import offload_traffic, read_bandwidth
+from qlora_kit.planning.offload import offload_traffic, read_bandwidth
 
 BIG = dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
            num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from qlora_kit import LoraConfig
-from qlora_kit.fused import dense_cache_bytes, dequantized_weights, set_fused
-from qlora_kit.lora import LoraLinear
+from qlora_kit.model.fused import dense_cache_bytes, dequantized_weights, set_fused
+from qlora_kit.model.lora import LoraLinear
 
 from conftest import load_tiny
 
@@ -90,7 +90,7 @@ def test_fused_base_output_is_bitwise_bnb_with_zero_B():
 
 
 def test_fused_is_skipped_for_dropout_and_several_adapters():
-    from qlora_kit.fused import try_fused_forward
+    from qlora_kit.model.fused import try_fused_forward
 
     layer = _layer(64, 32, torch.float32)
     x = torch.randn(2, 64)
@@ -118,7 +118,7 @@ def _tiny_with_lora(model_dir, b_std: float):
 
 
 def test_tiny_model_loss_and_grads_fused_vs_unfused(tiny_model_dir):
-    from qlora_kit.loss import causal_lm_loss
+    from qlora_kit.training.loss import causal_lm_loss
 
     model, tok = _tiny_with_lora(tiny_model_dir, b_std=0.02)
     ids = torch.randint(0, 100, (2, 12))
@@ -144,7 +144,7 @@ def test_tiny_model_loss_and_grads_fused_vs_unfused(tiny_model_dir):
 
 
 def test_dequantized_cache_greedy_identical_and_released(tiny_model_dir):
-    from qlora_kit.generate import generate
+    from qlora_kit.inference.generate import generate
 
     model, tok = _tiny_with_lora(tiny_model_dir, b_std=0.05)
     ids = torch.randint(0, 100, (2, 10))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from qlora_kit.config import QuantConfig
-from qlora_kit.quant import NF4_CODE, dequantize_weight, quantize_roundtrip
+from qlora_kit.model.quant import NF4_CODE, dequantize_weight, quantize_roundtrip
 
 
 def nf4_from_normal_quantiles(offset: float = 0.9677083) -> torch.Tensor:
@@ -48,7 +48,7 @@ def test_storage_cost_with_double_quant_is_4_127_bits():
     layer.weight = bnb.nn.Params4bit(torch.randn(2048, 2048), requires_grad=False, quant_type="nf4",
                                      compress_statistics=True)
     layer = layer.to("cpu")
-    from qlora_kit.model import _quant_state_bytes
+    from qlora_kit.model.load import _quant_state_bytes
 
     n = 2048 * 2048
     total = layer.weight.numel() + _quant_state_bytes(layer.weight.quant_state)

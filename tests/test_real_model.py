@@ -8,8 +8,8 @@ def test_demo_model_loads_in_4bit_at_the_planned_footprint_and_answers(demo_mode
     import json
 
     from qlora_kit import load_model
-    from qlora_kit.generate import generate
-    from qlora_kit.model import footprint
+    from qlora_kit.inference.generate import generate
+    from qlora_kit.model.load import footprint
 
     model, tokenizer = load_model(demo_model_dir)
     fp = footprint(model)

@@ -23,11 +23,11 @@ import yaml
 
 from qlora_kit import LoraConfig, add_lora, load_adapter, merge_and_export, save_adapter
 from qlora_kit.atomic import WriteError
-from qlora_kit.checkpoint import STATE_FILE, latest_checkpoint, load_optimizer_state, load_trainer_state
+from qlora_kit.training.checkpoint import STATE_FILE, latest_checkpoint, load_optimizer_state, load_trainer_state
 from qlora_kit.config import ConfigError, load_train_config, to_dict
-from qlora_kit.lora import lora_layers
-from qlora_kit.model import check_model_path
-from qlora_kit.train import TrainingError, train
+from qlora_kit.model.lora import lora_layers
+from qlora_kit.model.load import check_model_path
+from qlora_kit.training.recipe import TrainingError, train
 
 from conftest import load_tiny
 
@@ -89,9 +89,9 @@ def test_a_checkpoint_write_cut_off_midway_is_never_resumed_from(straight, tiny_
     """An exception inside the checkpoint's atomic_dir, with the temp folder's cleanup disabled (as after a
     kill): the half-written folder stays behind, resume ignores it and ends bit-identical."""
     import qlora_kit.atomic
-    import qlora_kit.checkpoint
+    import qlora_kit.training.checkpoint
 
-    real = qlora_kit.checkpoint.safetensors_bytes
+    real = qlora_kit.training.checkpoint.safetensors_bytes
     calls = {"n": 0}
 
     def cut_off(*a, **k):  # the optimizer state of the 3rd checkpoint: after its adapter files are written
@@ -101,7 +101,7 @@ def test_a_checkpoint_write_cut_off_midway_is_never_resumed_from(straight, tiny_
         return real(*a, **k)
 
     with monkeypatch.context() as m:
-        m.setattr(qlora_kit.checkpoint, "safetensors_bytes", cut_off)
+        m.setattr(qlora_kit.training.checkpoint, "safetensors_bytes", cut_off)
         m.setattr(qlora_kit.atomic.shutil, "rmtree", lambda *a, **k: None)  # no cleanup, as after kill -9
         with pytest.raises(RuntimeError, match="power cut"):
             train(_config(tmp_path, tiny_model_dir), progress=False)
@@ -130,7 +130,7 @@ def adapter_dir(tiny_model_dir, tmp_path_factory):
 _KILLED_EXPORT = """
 import sys, time
 from pathlib import Path
-import qlora_kit.export as export
+import qlora_kit.merging.write as export
 real, n = export.merged_tensor, [0]
 def slow(*a, **k):
     n[0] += 1
@@ -139,7 +139,7 @@ def slow(*a, **k):
         time.sleep(120)
     return real(*a, **k)
 export.merged_tensor = slow
-from qlora_kit.merge import merge_and_export
+from qlora_kit.merging.merge import merge_and_export
 merge_and_export(sys.argv[1], sys.argv[2], sys.argv[3], verify=False, shard_size="40KB", progress=False)
 """
 
@@ -219,12 +219,12 @@ class _FullDisk:
 
 
 def test_disk_full_during_an_export_keeps_the_previous_export(tiny_model_dir, adapter_dir, tmp_path, monkeypatch):
-    import qlora_kit.export
+    import qlora_kit.merging.write
 
     out = tmp_path / "merged"
     merge_and_export(tiny_model_dir, adapter_dir, out, verify=False, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(qlora_kit.export, "open", lambda *a, **k: _FullDisk(open(*a, **k), 50_000), raising=False)
+    monkeypatch.setattr(qlora_kit.merging.write, "open", lambda *a, **k: _FullDisk(open(*a, **k), 50_000), raising=False)
     with pytest.raises(WriteError, match=r"merged: no space left on device; nothing was replaced"):
         merge_and_export(tiny_model_dir, adapter_dir, out, overwrite=True, verify=False, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export is untouched
@@ -242,7 +242,7 @@ def test_disk_full_during_an_export_keeps_the_previous_export(tiny_model_dir, ad
 
 def _inf_gradient_at(monkeypatch, step: int):
     """Make one LoRA gradient inf during optimizer step ``step`` (grad_accum=1: one backward per step)."""
-    import qlora_kit.train as train_mod
+    import qlora_kit.training.recipe as train_mod
 
     real = train_mod.add_lora
     backward = {"n": 0}
@@ -353,7 +353,7 @@ def test_pickle_in_adapter_and_model_folders_is_never_executed(tiny_model_dir, a
 
 
 def test_remote_code_in_a_checkpoint_never_runs_unless_turned_on(tiny_model_dir, tmp_path, caplog):
-    from qlora_kit.validate import validate_run
+    from qlora_kit.training.validate import validate_run
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
@@ -391,4 +391,4 @@ def test_the_package_never_unpickles():
             if "weights_only=True" not in call.group(0):
                 offenders.append(f"{path.name}: {call.group(0)}")
     assert not offenders, offenders
-    assert "use_safetensors=True" in (PACKAGE / "model.py").read_text()
+    assert "use_safetensors=True" in (PACKAGE / "model" / "load.py").read_text()

@@ -8,9 +8,9 @@ import pytest
 
 from qlora_kit.cli import main
 from qlora_kit.config import ConfigError, load_train_config
-from qlora_kit.model import load_model
-from qlora_kit.remote_code import check_remote_code
-from qlora_kit.validate import validate_run
+from qlora_kit.model.load import load_model
+from qlora_kit.model.remote_code import check_remote_code
+from qlora_kit.training.validate import validate_run
 
 
 def _evil_folder(source, tmp_path, file, edit):

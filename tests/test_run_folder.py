@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-import qlora_kit.train as train_mod
+import qlora_kit.training.recipe as train_mod
 from qlora_kit.cli import main
 from qlora_kit.config import ConfigError, load_train_config
-from qlora_kit.run_folder import MARKER
-from qlora_kit.train import train
+from qlora_kit.training.run_folder import MARKER
+from qlora_kit.training.recipe import train
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "robot"]
 

@@ -8,9 +8,9 @@ import torch
 
 from qlora_kit import LoraConfig, add_lora
 from qlora_kit.config import load_train_config
-from qlora_kit.data import Example, collate
-from qlora_kit.lora import lora_layers
-from qlora_kit.train import SupervisedLoss, TrainingError, accumulate_gradients, train
+from qlora_kit.data.core import Example, collate
+from qlora_kit.model.lora import lora_layers
+from qlora_kit.training.recipe import SupervisedLoss, TrainingError, accumulate_gradients, train
 
 from conftest import load_tiny
 
@@ -90,7 +90,7 @@ def test_accumulation_over_micro_batches_equals_one_big_batch(tiny_model_dir):
 @pytest.fixture(scope="module")
 def learnable_model_dir(tmp_path_factory):
     """A tiny Llama with larger init: at std 0.02 a 64-wide head cannot express sharp predictions at all."""
-    from qlora_kit.tiny import make_tiny_model
+    from qlora_kit.testing.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("learnable"), initializer_range=0.3)
 
@@ -143,7 +143,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, tiny_model_dir, 
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    import qlora_kit.train as train_mod
+    import qlora_kit.training.recipe as train_mod
 
     calls = {"n": 0}
     real = train_mod.causal_lm_loss
@@ -169,7 +169,7 @@ def test_gradient_checkpointing_auto_follows_the_memory_plan(tmp_path, tiny_mode
     import torch
 
     import qlora_kit.hardware as hardware
-    from qlora_kit.train import _gradient_checkpointing
+    from qlora_kit.training.recipe import _gradient_checkpointing
 
     config = _config(tmp_path, tiny_model_dir, gradient_checkpointing="auto")
     cpu = torch.device("cpu")

@@ -10,8 +10,8 @@ import yaml
 
 from qlora_kit.cli import main
 from qlora_kit.config import ConfigError, load_train_config
-from qlora_kit.data import DataError, tokenize_example
-from qlora_kit.validate import validate_run
+from qlora_kit.data.core import DataError, tokenize_example
+from qlora_kit.training.validate import validate_run
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon"]
 
@@ -21,14 +21,14 @@ def no_weights(monkeypatch):
     """Any attempt to load model weights during validation fails the test."""
     import transformers
 
-    import qlora_kit.model
-    import qlora_kit.train
+    import qlora_kit.model.load
+    import qlora_kit.training.recipe
 
     def refuse(*a, **k):
         raise AssertionError("model weights were loaded during validation")
 
-    monkeypatch.setattr(qlora_kit.model, "load_model", refuse)
-    monkeypatch.setattr(qlora_kit.train, "load_model", refuse)
+    monkeypatch.setattr(qlora_kit.model.load, "load_model", refuse)
+    monkeypatch.setattr(qlora_kit.training.recipe, "load_model", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 
@@ -212,7 +212,7 @@ def test_cli_validate_bad_input_is_one_line_and_exit_2(tmp_path, tiny_model_dir,
 
 
 def test_train_validates_everything_before_loading_the_model(tmp_path, tiny_model_dir):
-    from qlora_kit.train import train
+    from qlora_kit.training.recipe import train
 
     data = _jsonl(tmp_path / "train.jsonl", _records(50) + ["not json"])
     with pytest.raises(DataError, match="line 51: malformed JSON"):  # the autouse fixture refuses any load
@@ -254,7 +254,7 @@ def test_an_absurd_rank_is_refused_before_loading_and_tiny_runs_are_not(tmp_path
     several GiB: with 1 GiB free it is refused by validate and train (the autouse fixture fails any weight load);
     the same config at r=4 validates on this machine."""
     import qlora_kit.hardware
-    from qlora_kit.train import train
+    from qlora_kit.training.recipe import train
 
     config = _yaml(tmp_path, tiny_model_dir)
     assert main(["validate", str(config), "lora.r=10000000"]) == 2
@@ -272,10 +272,10 @@ def test_an_absurd_rank_is_refused_before_loading_and_tiny_runs_are_not(tmp_path
 
 def test_force_flag_reaches_train_and_validate(tmp_path, tiny_model_dir, monkeypatch):
     import qlora_kit.hardware
-    import qlora_kit.train
+    import qlora_kit.training.recipe
 
     seen = {}
-    monkeypatch.setattr(qlora_kit.train, "train", lambda config, **kw: seen.update(kw) or 1 / 0)
+    monkeypatch.setattr(qlora_kit.training.recipe, "train", lambda config, **kw: seen.update(kw) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(["train", str(_yaml(tmp_path, tiny_model_dir)), "--force"])
     assert seen["force"] is True

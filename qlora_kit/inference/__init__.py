@@ -1,0 +1,1 @@
+"""Generation and evaluation with zero, one or several adapters."""

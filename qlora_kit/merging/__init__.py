@@ -1,0 +1,1 @@
+"""Merge an adapter into its base and export: plan, write, verify, resize."""

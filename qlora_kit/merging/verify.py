@@ -1,0 +1,299 @@
+"""Prove a merged export reproduces the adapter model: logits, greedy generations and eval losses.
+
+One model is in memory at a time: first the 4-bit base + adapter (qlora-kit), whose logits and generations
+are kept (a few MB), then the merged folder loaded with plain transformers in fp32. Peak memory is about
+that of the merged model in fp32, not of both.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger("qlora_kit")
+
+DEFAULT_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Write a short poem about the sea.",
+    "Q: What is 12 times 7?\nA:",
+]
+MAX_NEW_TOKENS = 16
+# A dequantized merge exported in fp32 must agree with the adapter model to this fraction of the largest
+# |logit| (fp32 summation order differs: merged W'x vs Wx + s·B(Ax)); beyond it the command fails.
+FP32_RTOL = 1e-4
+# bf16/fp16 exports are compared against this looser bound and only reported: rounding W' to 16 bit moves
+# the logits by about 1e-3..1e-2 of their scale (FACTS: bf16 rounding swamps deltas under ~0.1% of W).
+LOW_PRECISION_RTOL = 5e-2
+
+
+class VerificationError(RuntimeError):
+    """The merged model does not reproduce the 4-bit base + adapter within the stated tolerance."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one model
+
+@torch.no_grad()
+def _run(model, prompt_ids: list[torch.Tensor], pad_id: int, max_new_tokens: int, desc: str) -> dict:
+    """Logits ``[T, V]`` for each prompt and its greedy continuation (token ids)."""
+    model.eval()
+    logits, gens = [], []
+    for ids in tqdm(prompt_ids, desc=desc, unit="prompt", disable=True):
+        logits.append(model(input_ids=ids).logits[0].float())  # [T, V]
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
+                             use_cache=True)
+        gens.append(out[0, ids.shape[1]:].tolist())
+    return {"logits": logits, "generations": gens}
+
+
+def _reference_model(plan):
+    """The 4-bit base + adapter exactly as training ran it, with fp32 compute."""
+    from qlora_kit.model.adapters import load_adapter
+    from qlora_kit.model.lora import set_rank
+    from qlora_kit.model.load import load_model
+
+    model, _ = load_model(plan.base, quant=plan.quant, compute_dtype="fp32", device="cpu")
+    vocab = plan.config.get("vocab_size")
+    if vocab and vocab != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab)  # tokens added in training; the adapter's copies fill the rows
+    load_adapter(model, plan.adapter_dir)
+    set_rank(model, plan.rank)
+    return model
+
+
+def _plain_model(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map={"": "cpu"},
+                                                use_safetensors=True)
+
+
+def _free(model) -> None:
+    del model
+    gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing
+
+def compare_runs(ref: dict, merged: dict) -> dict:
+    """max/mean |Δlogit|, the same relative to max |reference logit|, and greedy agreement."""
+    diffs = [(a - b).abs() for a, b in zip(ref["logits"], merged["logits"])]
+    max_abs = max(d.max().item() for d in diffs)
+    mean_abs = sum(d.sum().item() for d in diffs) / sum(d.numel() for d in diffs)
+    scale = max(a.abs().max().item() for a in ref["logits"])
+    pairs = list(zip(ref["generations"], merged["generations"]))
+    same_tokens = sum(sum(x == y for x, y in zip(a, b)) for a, b in pairs)
+    total_tokens = sum(max(len(a), len(b)) for a, b in pairs)
+    finite = all(torch.isfinite(m).all().item() for m in merged["logits"])
+    return {"max_abs_logit_diff": max_abs, "mean_abs_logit_diff": mean_abs, "logit_scale": scale,
+            "max_rel_logit_diff": max_abs / max(scale, 1e-30), "finite": finite,
+            "generations_identical": sum(a == b for a, b in pairs) / len(pairs),
+            "generation_token_agreement": same_tokens / max(total_tokens, 1)}
+
+
+def _effect_retained(base: dict, ref: dict, merged: dict) -> float:
+    """Projection of the merged model's logit shift on the adapter's: 1 = all of its effect, 0 = none."""
+    num = den = 0.0
+    for b, r, m in zip(base["logits"], ref["logits"], merged["logits"]):
+        effect = r - b
+        num += ((m - b) * effect).sum().item()
+        den += effect.pow(2).sum().item()
+    return num / den if den > 0 else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Eval loss
+
+def read_eval_examples(path: str | Path, tokenizer) -> list:
+    """The eval file's records tokenized and masked exactly as training does (``data.tokenize_example``)."""
+    from qlora_kit.config import DataConfig
+    from qlora_kit.data.core import detect_format, load_records, tokenize_example
+
+    records = load_records(path)
+    cfg = DataConfig(max_seq_len=10**9)
+    return [tokenize_example(r, detect_format(r, f"{path} record {i}"), tokenizer, cfg, f"{path} record {i}")
+            for i, r in enumerate(records, 1)]
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list) -> float:
+    """Mean cross-entropy per supervised token over ``data.Example`` s (one sequence at a time)."""
+    model.eval()
+    total, count = 0.0, 0
+    for ex in examples:
+        ids = torch.tensor([ex.input_ids])  # [1, T]
+        labels = torch.tensor(ex.labels[1:])  # [T-1]: position t predicts token t+1
+        logits = model(input_ids=ids).logits[0, :-1].float()  # [T-1, V]
+        total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+    return total / max(count, 1)
+
+
+def _other_merge_loss(plan, folder: Path, examples: list, progress: bool) -> tuple[str, float]:
+    """Eval loss of the merge mode not exported, built in a scratch folder and deleted after."""
+    from qlora_kit.merging.write import write_model
+    from qlora_kit.merging.merge import _DTYPE_NAMES, build_plan
+
+    other = "original" if plan.merge_base == "dequantized" else "dequantized"
+    other_plan = build_plan(plan.base, plan.adapter_dir, other, _dtype_arg(_DTYPE_NAMES[plan.out_dtype]), plan.rank)
+    scratch = folder / f".{other}-merge"
+    scratch.mkdir()
+    try:
+        write_model(other_plan, scratch, 2**62, progress)
+        model = _plain_model(scratch)
+        loss = eval_loss(model, examples)
+        _free(model)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return other, loss
+
+
+def _dtype_arg(name: str) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole check
+
+def verify_export(folder: Path, plan, prompts: list[str] | None = None, eval_file: str | Path | None = None,
+                  strict: bool = True, progress: bool = True, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+    """Compare the export in ``folder`` with the 4-bit base + adapter; return the report's verification part.
+
+    With ``strict``, raises VerificationError when a dequantized fp32 export's logits differ by more than
+    ``FP32_RTOL`` of the logit scale, or when any logit is NaN/inf.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    prompts = prompts or DEFAULT_PROMPTS
+    ids = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]  # each [1, T]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    records = read_eval_examples(eval_file, tokenizer) if eval_file is not None else None
+    result: dict = {"prompts": prompts, "max_new_tokens": max_new_tokens,
+                    "memory": "one model at a time: the 4-bit base + adapter, then the merged model in fp32"}
+
+    model = _reference_model(plan)
+    ref = _run(model, ids, pad, max_new_tokens, "4-bit + adapter")
+    base = None
+    if plan.requantize is not None:
+        from qlora_kit.model.lora import adapters_disabled
+
+        with adapters_disabled(model):
+            base = _run(model, ids, pad, 1, "4-bit base")  # only its logits are used
+    losses = {"4bit_plus_adapter": eval_loss(model, records)} if records else {}
+    _free(model)
+
+    model = _plain_model(folder)
+    merged = _run(model, ids, pad, max_new_tokens, "merged")
+    if records:
+        losses[f"merged_{plan.merge_base}" + ("_requantized" if plan.requantize else "")] = eval_loss(model, records)
+    _free(model)
+
+    result.update(compare_runs(ref, merged))
+    result["generations"] = {"adapter_4bit": [tokenizer.decode(g) for g in ref["generations"]],
+                             "merged": [tokenizer.decode(g) for g in merged["generations"]]}
+    if base is not None:
+        result["logit_effect_retained"] = _effect_retained(base, ref, merged)
+    if records:
+        other, loss = _other_merge_loss(plan, folder, records, progress)
+        losses[f"merged_{other}"] = loss
+        result["eval_loss"] = losses
+        result["eval_records"] = len(records)
+    _judge(result, plan, strict)
+    return result
+
+
+def _judge(result: dict, plan, strict: bool) -> None:
+    """Set the tolerance and pass/fail fields; raise in strict mode for a dequantized fp32 mismatch."""
+    exact = plan.merge_base == "dequantized" and plan.out_dtype == torch.float32 and plan.requantize is None
+    if plan.requantize is not None:
+        result["tolerance"] = None
+        result["check"] = "re-quantized export: compared, not held to a tolerance"
+    elif plan.merge_base == "original":
+        result["tolerance"] = None
+        result["check"] = "original merge: differs from the trained function by the quantization residual; reported only"
+    else:
+        result["tolerance"] = FP32_RTOL if exact else LOW_PRECISION_RTOL
+        result["check"] = ("max |Δlogit| <= tolerance x max |logit| (fails the merge)" if exact else
+                           "max |Δlogit| <= tolerance x max |logit| (16-bit export: reported, does not fail)")
+    tol = result["tolerance"]
+    result["passed"] = bool(result["finite"] and (tol is None or result["max_rel_logit_diff"] <= tol))
+    if strict and (not result["finite"] or (exact and not result["passed"])):
+        raise VerificationError(
+            f"merged model does not reproduce the 4-bit base + adapter: max |Δlogit| = "
+            f"{result['max_abs_logit_diff']:.3g} ({result['max_rel_logit_diff']:.3g} of the logit scale "
+            f"{result['logit_scale']:.3g}; tolerance {tol}), finite={result['finite']}. Nothing was written. "
+            "Check that --base is the checkpoint the adapter was trained on, or rerun with --no-verify to inspect.")
+
+
+def _weighted(layers: dict, field: str) -> float | None:
+    """The ||ΔW||²-weighted mean of a per-layer field (so big deltas count more)."""
+    pairs = [(s[field], s["delta_norm"] ** 2) for s in layers.values() if field in s]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else None
+
+
+def build_report(plan, written: dict, out: Path, seconds: float) -> dict:
+    """The merge part of merge_report.json: what was merged, how, and what the output dtype did to ΔW."""
+    from qlora_kit.merging.merge import _DTYPE_NAMES
+
+    layers = written["layers"]
+    report = {
+        "base": str(plan.base), "adapter": str(plan.adapter_dir), "out": str(out), "merge_base": plan.merge_base,
+        "dtype": _DTYPE_NAMES[plan.out_dtype], "rank": plan.rank, "scale": plan.scale,
+        "quant": dataclasses.asdict(plan.quant), "modules_merged": len(layers),
+        "copies": sorted(it.key for it in plan.items if it.copy is not None),
+        "shards": written["shards"], "bytes": written["bytes"], "merge_seconds": round(seconds, 2),
+        "cast_error_rel_to_delta": _weighted(layers, "cast_error_rel_to_delta"),
+        "notes": list(plan.notes), "layers": layers,
+    }
+    cast = report["cast_error_rel_to_delta"]
+    if cast is not None and cast > 0.1:
+        report["notes"].append(f"casting to {report['dtype']} changes the merged weights by {cast:.2f}x the adapter's "
+                               "delta (the delta is small next to the weights); export with dtype fp32 to keep it")
+    if plan.requantize is not None:
+        retained = _weighted(layers, "requant_retained")
+        report["requantized"] = {
+            "quant_type": plan.requantize.quant_type, "weight_delta_retained": retained,
+            "error_rel_to_delta": _weighted(layers, "requant_error_rel_to_delta"),
+            "adapter_lost": retained is not None and retained < 0.5}
+    return report
+
+
+def format_summary(report: dict) -> str:
+    """A few plain lines for the terminal: what was written, how it compares, and what was lost."""
+    lines = [f"merged {report['modules_merged']} modules ({report['merge_base']} base, rank {report['rank']}, "
+             f"{report['dtype']}) into {report['out']}: {report['shards']} shard(s), {report['bytes'] / 2**20:.1f} MiB "
+             f"in {report['merge_seconds']:.1f} s"]
+    lines += [f"note: {n}" for n in report["notes"]]
+    rq = report.get("requantized")
+    if rq:
+        kept = rq["weight_delta_retained"]
+        lines.append(f"re-quantized to {rq['quant_type']}: {100 * (kept or 0):.0f}% of the adapter's weight change "
+                     f"survives (error {rq['error_rel_to_delta'] or 0:.2f}x the delta)")
+        if rq["adapter_lost"]:
+            lines.append("THE ADAPTER IS LOST: re-quantizing the merged weights rounds them back to the base model's "
+                         "4-bit values. This export behaves like the base model. Export without --requantize "
+                         "(bf16/fp32) to keep the fine-tune, or serve the 4-bit base with the adapter.")
+    v = report.get("verification")
+    if v:
+        if "max_abs_logit_diff" in v:
+            tol = f" (tolerance {v['tolerance']:g} relative)" if v.get("tolerance") else ""
+            lines.append(f"verification on {len(v['prompts'])} prompts vs 4-bit + adapter: max |Δlogit| "
+                         f"{v['max_abs_logit_diff']:.3g} = {v['max_rel_logit_diff']:.2e} of the logit scale{tol}, "
+                         f"mean {v['mean_abs_logit_diff']:.3g}; greedy generations identical "
+                         f"{100 * v['generations_identical']:.0f}% ({100 * v['generation_token_agreement']:.0f}% of tokens)"
+                         f" -> {'PASS' if v['passed'] else 'FAIL'}")
+        if "logit_effect_retained" in v:
+            lines.append(f"logit effect of the adapter retained by the export: {100 * v['logit_effect_retained']:.0f}%")
+        for name, loss in (v.get("eval_loss") or {}).items():
+            lines.append(f"eval loss {name}: {loss:.4f}")
+    return "\n".join(lines)

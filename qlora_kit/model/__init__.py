@@ -1,0 +1,1 @@
+"""The model in memory: 4-bit loading, quantization, LoRA layers, adapters on disk."""

@@ -1,0 +1,1 @@
+"""Memory and offload-traffic planning from a model config."""

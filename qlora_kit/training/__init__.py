@@ -1,0 +1,1 @@
+"""The training recipe: loop steps, evaluation, checkpoints, optimizers, loss, metrics."""

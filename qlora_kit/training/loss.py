@@ -1,0 +1,92 @@
+"""Cross-entropy over supervised positions only, chunked so full-vocabulary logits never exist at once.
+
+A causal LM's head turns ``[b, s, h]`` hidden states into ``[b, s, V]`` logits; at V = 128k that tensor
+(plus its fp32 upcast and gradient) dwarfs the model's activations. Here only the positions that have a
+label go through the head, ``chunk_size`` rows at a time, each chunk under activation checkpointing, so one
+``[chunk, V]`` fp32 block is alive at a time in forward and in backward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from qlora_kit.data import IGNORE_INDEX
+
+
+def _chunk_ce(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None,
+              logit_scale: float) -> torch.Tensor:
+    """Summed CE of one chunk: hidden ``[n, h]``, targets ``[n]`` -> 0-dim fp32."""
+    logits = head(hidden).float()  # [n, V]
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int = 1024,
+                    softcap: float | None = None, logit_scale: float = 1.0) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over the supervised positions, and how many there are.
+
+    Args:
+        hidden: ``[b, s, h]`` last hidden states of the decoder backbone (after its final norm).
+        labels: ``[b, s]`` unshifted token ids (HF convention: position t predicts ``labels[t + 1]``), -100 = ignore.
+        head: the LM head (``model.get_output_embeddings()``), applied to ``chunk_size`` rows at a time.
+        softcap: tanh soft-capping of the logits (Gemma-2's ``final_logit_softcapping``); None disables it.
+        logit_scale: multiply the logits by this before softcapping (Cohere's ``logit_scale``;
+            Granite's 1 / ``logits_scaling``).
+    Returns:
+        ``(loss_sum, n)``: a 0-dim fp32 tensor attached to the graph (0 when n == 0) and the supervised count.
+        Divide the sum of ``loss_sum`` over micro-batches by the sum of ``n`` for a correctly normalised mean.
+    Raises:
+        ValueError if the shapes disagree or ``chunk_size`` < 1.
+    """
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on [batch, seq]")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    targets = labels[:, 1:]  # [b, s-1]
+    mask = targets != IGNORE_INDEX  # [b, s-1]
+    n = int(mask.sum())
+    if n == 0:
+        return hidden[:, :0].float().sum(), 0  # exact 0, still connected to the graph
+    rows = hidden[:, :-1][mask]  # [n, h]
+    targets = targets[mask].to(torch.long)  # [n]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    use_checkpoint = torch.is_grad_enabled()
+    for start in range(0, n, chunk_size):
+        h, y = rows[start:start + chunk_size], targets[start:start + chunk_size]  # [c, h], [c]
+        if use_checkpoint:
+            part = checkpoint(_chunk_ce, h, y, head, softcap, logit_scale, use_reentrant=False)
+        else:
+            part = _chunk_ce(h, y, head, softcap, logit_scale)
+        total = total + part
+    return total, n
+
+
+def _logit_transform(config) -> tuple[float | None, float]:
+    """(softcap, scale) applied by the model's ``*ForCausalLM.forward`` after its head, read from the config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = float(getattr(text, "logit_scale", None) or 1.0)  # Cohere multiplies
+    if getattr(text, "logits_scaling", None):  # Granite divides
+        scale /= float(text.logits_scaling)
+    return softcap, scale
+
+
+def causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """Run the decoder backbone on a collated batch, then ``supervised_loss`` through the model's LM head.
+
+    ``batch`` holds ``input_ids`` and ``labels`` ``[b, s]`` and optionally ``attention_mask`` (padded batches)
+    or ``position_ids`` (packed batches, no attention_mask: transformers then keeps attention inside each
+    packed example). Returns ``(loss_sum, n_supervised)`` as ``supervised_loss`` does.
+    """
+    device = next(model.parameters()).device
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    out = model.base_model(**inputs, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [b, s, h]
+    softcap, scale = _logit_transform(model.config)
+    return supervised_loss(hidden, batch["labels"].to(device), model.get_output_embeddings(), chunk_size,
+                           softcap=softcap, logit_scale=scale)

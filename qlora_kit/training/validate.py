@@ -1,0 +1,138 @@
+"""Validate a run before spending anything on it: config, model folder, LoRA targets, every data record.
+
+``validate_run`` is the one validation path: ``qlora-kit validate`` prints its report, and ``train()`` calls
+it before loading the model and trains on the data it prepared. Nothing here reads a weight: the model
+folder is checked from its config.json and file names, the LoRA targets are resolved against the model's
+module tree built on the ``meta`` device (no memory, no weights), and the data is tokenized with the
+tokenizer only.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlora_kit.config import TrainConfig
+from qlora_kit.data.core import DataStats, Example, prepare_data
+from qlora_kit.planning.fit import check_fits
+
+log = logging.getLogger("qlora_kit")
+
+
+@dataclass
+class ValidationReport:
+    """What ``validate_run`` checked and found; ``train()`` reuses the tokenizer and the prepared data."""
+
+    config: TrainConfig
+    model_path: Path  # the resolved checkpoint folder
+    model_type: str  # config.json's model_type
+    targets: list[str] | None  # full names of the layers LoRA will wrap (None: architecture not buildable here)
+    stats: DataStats  # counts and token lengths of the prepared data
+    tokenizer: Any = field(repr=False, default=None)
+    train_set: list[Example] = field(repr=False, default_factory=list)
+    eval_set: list[Example] = field(repr=False, default_factory=list)
+
+    @property
+    def truncated_fraction(self) -> float:
+        """Examples cut to ``data.max_seq_len`` / records read."""
+        return self.stats.truncated / max(self.stats.records, 1)
+
+    @property
+    def supervised_fraction(self) -> float:
+        """Training tokens that are loss targets / all training tokens."""
+        return self.stats.supervised_tokens / max(self.stats.tokens, 1)
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        s, data = self.stats, self.config.data
+        if self.targets is None:
+            targets = "targets checked when the model loads"
+        else:
+            kinds = sorted({t.rsplit(".", 1)[-1] for t in self.targets})
+            targets = f"{len(self.targets)} layers ({', '.join(kinds)})"
+        return "\n".join([
+            f"model: {self.model_path} ({self.model_type}); LoRA r={self.config.lora.r} on {targets}",
+            f"data: {s.records} records -> {s.examples} train / {s.eval_examples} eval examples, "
+            f"{s.dropped} dropped (no supervised token left)",
+            f"token length p50/p90/p99/max: {s.len_p50}/{s.len_p90}/{s.len_p99}/{s.len_max} "
+            f"(data.max_seq_len={data.max_seq_len})",
+            f"truncated: {100 * self.truncated_fraction:.1f}% of examples ({s.truncated} of {s.records})",
+            f"supervised: {100 * self.supervised_fraction:.1f}% of training tokens "
+            f"({s.supervised_tokens:,} of {s.tokens:,})",
+        ])
+
+
+def token_cache_dir(config: TrainConfig) -> Path:
+    """Where tokenized data is cached: ``data.cache_dir``, else ``<output_dir>/../.token-cache``."""
+    if config.data.cache_dir:
+        return Path(config.data.cache_dir)
+    return Path(config.training.output_dir).parent / ".token-cache"
+
+
+def check_targets(model_path: Path, config: TrainConfig) -> list[str] | None:
+    """The layers ``config.lora`` selects, resolved on the model built on the meta device (no weights).
+
+    Raises ConfigError (from ``lora.resolve_targets``) when the targets match nothing. Returns None when
+    transformers cannot build the architecture without its weights; the check then happens at load time.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qlora_kit.model.lora import resolve_targets
+
+    remote = config.model.trust_remote_code
+    try:
+        hf_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=remote)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=remote)
+    except Exception as e:  # an architecture this transformers cannot build: defer to load_model's errors
+        log.warning("validate: cannot build %s without weights (%s); LoRA targets are checked at load time",
+                    model_path, e)
+        return None
+    return resolve_targets(skeleton, config.lora)
+
+
+def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
+    """The checkpoint's tokenizer, with the EOS token as padding when it has no pad token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def validate_run(config: TrainConfig, tokenizer=None, force: bool = False) -> ValidationReport:
+    """Check everything a run needs before any weight is loaded, in this order.
+
+    1. the config's values (``TrainConfig.validate``), 2. the model folder is a causal-LM checkpoint with
+    safetensors weights (``model.check_model_path``), 3. the LoRA targets match layers of that architecture,
+    4. every data record parses, has its format's fields with the right types, and leaves at least one
+    example with a supervised token after truncation (``data.prepare_data``, tokenizer only), 5. the memory
+    plan fits: a run needing more than 1.5x the available memory is refused (``fit_check.check_fits``).
+
+    Args:
+        config: the run's config.
+        tokenizer: an already loaded tokenizer (default: the checkpoint's).
+        force: run the memory check but do not refuse (``--force``).
+    Returns:
+        A ValidationReport with the data summary, the tokenizer and the prepared train/eval examples.
+    Raises:
+        ConfigError or DataError naming the file, line or key, and the fix.
+    """
+    from qlora_kit.model.load import check_model_path
+    from qlora_kit.training.recipe import resolve_model_path
+
+    config.validate()
+    model_path = resolve_model_path(config.model.path)
+    hf_config = check_model_path(model_path, config.model.trust_remote_code)
+    targets = check_targets(model_path, config)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+    train_set, eval_set, stats = prepare_data(config.data, tokenizer, cache_dir=token_cache_dir(config),
+                                              seed=config.training.seed)
+    longest = config.data.max_seq_len if config.data.packing else min(stats.len_max, config.data.max_seq_len)
+    check_fits(config, model_path, longest, targets, force)
+    return ValidationReport(config, model_path, str(hf_config.get("model_type")), targets, stats, tokenizer,
+                            train_set, eval_set)
