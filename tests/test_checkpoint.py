@@ -64,7 +64,7 @@ def reference(tiny_model_dir, tmp_path_factory) -> bytes:
 @pytest.fixture(scope="module")
 def interrupted(tiny_model_dir, tmp_path_factory) -> Path:
     """A 4-step run stopped by SIGINT after step 3: checkpoints step-000001..3, no final adapter."""
-    from qlora_kit import metrics
+    from qlora_kit.training import metrics
 
     folder = tmp_path_factory.mktemp("interrupted")
     original = metrics.MetricsLog.write

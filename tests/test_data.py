@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from qlora_kit import data as D
+from qlora_kit.data import core as D
 from qlora_kit.config import DataConfig
 from qlora_kit.data.core import DataError, Example, collate, make_batches, prepare_data, tokenize_example
 from qlora_kit.testing.tiny import build_tokenizer
