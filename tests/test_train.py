@@ -113,7 +113,7 @@ def test_tiny_run_learns_and_writes_outputs(tmp_path, learnable_model_dir):
 
 def _interrupt_at(monkeypatch, step):
     """Deliver SIGINT to ourselves right after optimizer step ``step`` is logged."""
-    from qlora_kit import metrics
+    from qlora_kit.training import metrics
 
     original = metrics.MetricsLog.write
 
