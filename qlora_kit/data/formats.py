@@ -8,7 +8,7 @@
 A format's render function turns its checked fields into a ``Chat`` (messages for the chat template) or a
 ``Plain`` (prompt + response text); ``tokenize`` turns either into tokens and masks. alpaca and
 prompt/completion records become a user message and an assistant reply when the tokenizer has a chat template
-(as ``generate.render_prompt`` renders prompts), plain text otherwise.
+(as ``inference.generate.render_prompt`` renders prompts), plain text otherwise.
 
 Adding a format: write its ``render_<name>`` function and add one ``FORMATS`` entry, both here.
 """
