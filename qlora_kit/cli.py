@@ -223,7 +223,7 @@ def _is_user_error(e: Exception) -> bool:
     """Errors that describe bad input or a failed write, whose message already says what to do."""
     from qlora_kit.model.adapters import AdapterMismatchError
     from qlora_kit.atomic import WriteError
-    from qlora_kit.data.core import DataError
+    from qlora_kit.data import DataError
     from qlora_kit.training.recipe import TrainingError
 
     return isinstance(e, (ConfigError, DataError, AdapterMismatchError, TrainingError, WriteError, FileExistsError))

@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qlora_kit.atomic import atomic_write_json  # noqa: E402
-from qlora_kit.data.core import load_records, prepare_data  # noqa: E402
+from qlora_kit.data.prepare import prepare_data  # noqa: E402
+from qlora_kit.data.sources import load_records  # noqa: E402
 from qlora_kit.demo.model import demo_model_path  # noqa: E402
 from qlora_kit.demo.run import demo_config  # noqa: E402
 from qlora_kit.demo.task import evaluate_exact_match, write_demo_dataset  # noqa: E402

@@ -128,7 +128,7 @@ def useful_flops(counts: dict, tokens: int, supervised: int) -> float:
 def prepare_examples(data_dir: Path, model_path: Path):
     """qlora-kit's tokenisation of the demo records: (train examples, eval examples, tokenizer)."""
     from qlora_kit.config import DataConfig
-    from qlora_kit.data.core import prepare_data
+    from qlora_kit.data.prepare import prepare_data
     from qlora_kit.training.validate import load_tokenizer
 
     tokenizer = load_tokenizer(model_path, False)
@@ -145,7 +145,7 @@ def validation_loss(model, examples, pad_id: int, autocast_bf16: bool = False) -
     import torch
     import torch.nn.functional as F
 
-    from qlora_kit.data.core import collate
+    from qlora_kit.data.batching import collate
 
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))

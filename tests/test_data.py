@@ -4,9 +4,14 @@ import json
 import pytest
 import torch
 
-from qlora_kit.data import core as D
 from qlora_kit.config import DataConfig
-from qlora_kit.data.core import DataError, Example, collate, make_batches, prepare_data, tokenize_example
+from qlora_kit.data import DataError
+from qlora_kit.data import tokenize as tokenize_module
+from qlora_kit.data.batching import collate, make_batches
+from qlora_kit.data.formats import detect_format
+from qlora_kit.data.prepare import DataStats, prepare_data
+from qlora_kit.data.sources import load_records
+from qlora_kit.data.tokenize import Example, n_supervised, tokenize_example
 from qlora_kit.testing.tiny import build_tokenizer
 
 from conftest import load_tiny
@@ -100,7 +105,7 @@ def test_train_on_prompt_supervises_everything(tok):
                                                                        "prompt_completion"),
                                          ({"text": "t"}, "text"), ({"output": "o"}, "alpaca")])
 def test_detect_format(record, fmt):
-    assert D.detect_format(record, "f line 1") == fmt
+    assert detect_format(record, "f line 1") == fmt
 
 
 # --------------------------------------------------------------------------- errors
@@ -154,7 +159,7 @@ def test_jsonl_json_csv_parquet_and_in_memory_agree(tmp_path, tok):
         f"{r['instruction']},,{r['output']}\n" for r in recs))
     pq.write_table(pa.Table.from_pylist(recs), tmp_path / "a.parquet")
     for name in ("a.jsonl", "a.json", "a.csv", "a.parquet"):
-        assert D.load_records(tmp_path / name) == recs, name
+        assert load_records(tmp_path / name) == recs, name
     ref, _, _ = prepare_data(DataConfig(train_file=str(tmp_path / "a.parquet")), tok)
     mem, _, _ = prepare_data(DataConfig(), tok, records=recs)
     hf, _, _ = prepare_data(DataConfig(), tok, records=datasets.Dataset.from_list(recs))
@@ -170,7 +175,7 @@ def test_truncation_and_drop_counts(tmp_path, tok):
     assert (stats.records, stats.truncated, stats.dropped, stats.examples) == (4, 2, 1, 3)
     assert all(len(e.input_ids) <= 20 for e in train)
     assert stats.tokens == sum(len(e.input_ids) for e in train) and stats.len_max == 20
-    assert stats.supervised_tokens == sum(D.n_supervised(e.labels) for e in train)
+    assert stats.supervised_tokens == sum(n_supervised(e.labels) for e in train)
 
 
 # --------------------------------------------------------------------------- cache
@@ -178,8 +183,8 @@ def test_truncation_and_drop_counts(tmp_path, tok):
 def test_cache_hit_and_invalidation(tmp_path, tok, monkeypatch):
     path = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(5)])
     calls = []
-    real = D.tokenize_example
-    monkeypatch.setattr(D, "tokenize_example", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tokenize_module.tokenize_example
+    monkeypatch.setattr(tokenize_module, "tokenize_example", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = DataConfig(train_file=str(path), eval_fraction=0.2)
     first = prepare_data(cfg, tok, cache_dir=tmp_path / "cache")
     assert len(calls) == 5
@@ -241,11 +246,11 @@ def test_group_by_length_reduces_padding():
     exs = _var_examples(400)
     stats = {}
     for group in (False, True):
-        s = D.DataStats()
+        s = DataStats()
         make_batches(exs, 8, DataConfig(group_by_length=group), seed=0, epoch=0, stats=s)
         stats[group] = s.padding_fraction
     assert stats[True] < 0.5 * stats[False]
-    s = D.DataStats()
+    s = DataStats()
     make_batches(exs, 8, DataConfig(packing=True, max_seq_len=128), seed=0, epoch=0, stats=s)
     assert s.padding_fraction < stats[True]
 
@@ -271,7 +276,7 @@ def test_packed_logits_equal_each_example_alone(tiny_model_dir, tok, attn):
     recs = [{"prompt": "What is the capital of France?", "completion": "Paris."},
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
             {"text": "The quick brown fox jumps over the lazy dog."}]
-    exs = [tokenize_example(r, D.detect_format(r, "m"), tok, DataConfig(), "m") for r in recs]
+    exs = [tokenize_example(r, detect_format(r, "m"), tok, DataConfig(), "m") for r in recs]
     batch = collate(exs, tok.pad_token_id, packing=True, max_seq_len=128)
     assert batch["input_ids"].shape[0] == 1
     with torch.no_grad():
@@ -293,7 +298,7 @@ def test_packed_loss_equals_sum_of_losses_alone(tiny_model_dir, tok):
     model, _ = load_tiny(tiny_model_dir)
     recs = [{"text": "0123456789 abc"}, {"prompt": "Convert 2024-03-05", "completion": "March fifth, 2024."},
             {"text": "user assistant system"}]
-    exs = [tokenize_example(r, D.detect_format(r, "m"), tok, DataConfig(train_on_prompt=True), "m") for r in recs]
+    exs = [tokenize_example(r, detect_format(r, "m"), tok, DataConfig(train_on_prompt=True), "m") for r in recs]
     with torch.no_grad():
         packed, n_packed = causal_lm_loss(model, collate(exs, tok.pad_token_id, True, 128))
         alone = [causal_lm_loss(model, collate([e], tok.pad_token_id, False, 128)) for e in exs]

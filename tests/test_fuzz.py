@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from qlora_kit.config import (ConfigError, DataConfig, LoraConfig, ModelConfig, QuantConfig, TrainConfig,
                               TrainingConfig, from_dict, load_train_config, to_dict)
-from qlora_kit.data.core import DataError, FORMAT_FIELDS, prepare_data
+from qlora_kit.data import DataError
+from qlora_kit.data.formats import FORMATS
+from qlora_kit.data.prepare import prepare_data
 from qlora_kit.testing.tiny import build_tokenizer
 
 FUZZ = settings(deadline=None, database=None, derandomize=True,
@@ -79,7 +81,7 @@ def tokenizer():
     return build_tokenizer()
 
 
-record_fields = st.sampled_from(sorted({f for req, opt in FORMAT_FIELDS.values() for f in req + opt})) | texts
+record_fields = st.sampled_from(sorted({f.name for fmt in FORMATS.values() for f in fmt.fields})) | texts
 messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]) | values,
                                            "content": wild_texts | values}) | values, max_size=4)
 field_values = wild_texts | values | messages

@@ -8,7 +8,8 @@ import torch
 
 from qlora_kit import LoraConfig, add_lora
 from qlora_kit.config import load_train_config
-from qlora_kit.data.core import Example, collate
+from qlora_kit.data.batching import collate
+from qlora_kit.data.tokenize import Example
 from qlora_kit.model.lora import lora_layers
 from qlora_kit.training.recipe import SupervisedLoss, TrainingError, accumulate_gradients, train
 

@@ -10,7 +10,8 @@ import yaml
 
 from qlora_kit.cli import main
 from qlora_kit.config import ConfigError, load_train_config
-from qlora_kit.data.core import DataError, tokenize_example
+from qlora_kit.data import DataError
+from qlora_kit.data.tokenize import tokenize_example
 from qlora_kit.training.validate import validate_run
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon"]

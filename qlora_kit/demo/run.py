@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qlora_kit.atomic import atomic_write_json
 from qlora_kit.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, TrainingConfig
-from qlora_kit.data.core import load_records
+from qlora_kit.data.sources import load_records
 from qlora_kit.demo.model import demo_model_path
 from qlora_kit.demo.task import evaluate_exact_match, user_content, write_demo_dataset
 from qlora_kit.model.lora import parameter_report

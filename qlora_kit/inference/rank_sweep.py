@@ -183,7 +183,8 @@ def run_rank_sweep(args: argparse.Namespace) -> int:
     from qlora_kit.model.adapters import load_adapter, read_adapter, save_adapter
     from qlora_kit.atomic import atomic_write_json
     from qlora_kit.config import DataConfig
-    from qlora_kit.data.core import load_records, prepare_data
+    from qlora_kit.data.prepare import prepare_data
+    from qlora_kit.data.sources import load_records
     from qlora_kit.model.load import load_model
     from qlora_kit.training.recipe import resolve_model_path
 

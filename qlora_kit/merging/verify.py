@@ -115,7 +115,9 @@ def _effect_retained(base: dict, ref: dict, merged: dict) -> float:
 def read_eval_examples(path: str | Path, tokenizer) -> list:
     """The eval file's records tokenized and masked exactly as training does (``data.tokenize_example``)."""
     from qlora_kit.config import DataConfig
-    from qlora_kit.data.core import detect_format, load_records, tokenize_example
+    from qlora_kit.data.formats import detect_format
+    from qlora_kit.data.sources import load_records
+    from qlora_kit.data.tokenize import tokenize_example
 
     records = load_records(path)
     cfg = DataConfig(max_seq_len=10**9)

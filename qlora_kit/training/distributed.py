@@ -198,7 +198,7 @@ def load_optimizer(step_fn: nn.Module, optimizer, state: dict) -> None:
 def evaluate_sharded(step_fn: nn.Module, examples: list, batch_size: int, pad_id: int, max_seq_len: int,
                      device: torch.device) -> float:
     """Mean loss per supervised token, through the FSDP-wrapped step (every rank runs every batch)."""
-    from qlora_kit.data.core import collate
+    from qlora_kit.data.batching import collate
 
     was_training = step_fn.training
     step_fn.eval()

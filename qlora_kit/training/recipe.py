@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from qlora_kit.model.adapters import assign_adapter, save_adapter
 from qlora_kit.training.checkpoint import load_optimizer_state, load_trainer_state, read_checkpoint_adapter, save_checkpoint
 from qlora_kit.config import ConfigError, TrainConfig, to_dict
-from qlora_kit.data.core import Example, collate, make_batches
+from qlora_kit.data.batching import collate, make_batches
+from qlora_kit.data.tokenize import Example
 from qlora_kit.training.health import HealthMonitor, largest_weight
 from qlora_kit.training.loss import causal_lm_loss
 from qlora_kit.model.lora import add_lora, inference_rank, sample_rank, set_rank

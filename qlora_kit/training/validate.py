@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from qlora_kit.config import TrainConfig
-from qlora_kit.data.core import DataStats, Example, prepare_data
+from qlora_kit.data.prepare import DataStats, prepare_data
+from qlora_kit.data.tokenize import Example
 from qlora_kit.planning.fit import check_fits
 
 log = logging.getLogger("qlora_kit")

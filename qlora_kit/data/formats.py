@@ -1,0 +1,222 @@
+"""Record formats. ONE table, ``FORMATS``, drives detection, field checks and rendering.
+
+- ``alpaca``: ``instruction``, optional ``input``, ``output``;
+- ``chat``: ``messages``, a list of ``{"role", "content"}``; every assistant turn is trained;
+- ``prompt_completion``: ``prompt``, ``completion``;
+- ``text``: ``text``, every token trained.
+
+A format's render function turns its checked fields into a ``Chat`` (messages for the chat template) or a
+``Plain`` (prompt + response text); ``tokenize`` turns either into tokens and masks. alpaca and
+prompt/completion records become a user message and an assistant reply when the tokenizer has a chat template
+(as ``inference.generate.render_prompt`` renders prompts), plain text otherwise.
+
+Adding a format: write its ``render_<name>`` function and add one ``FORMATS`` entry, both here.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qlora_kit.config import DataConfig
+from qlora_kit.data import DataError
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A conversation rendered by the tokenizer's chat template; every assistant turn is trained."""
+
+    messages: list[dict]  # {"role", "content"} dicts in order, at least one
+
+
+@dataclass(frozen=True)
+class Plain:
+    """Plain text, no chat template: the prompt is not trained, the response is (and gets an EOS)."""
+
+    prompt: str  # context the model reads ("" for the text format)
+    response: str  # the text the model learns to write
+
+
+Rendered = Chat | Plain
+
+
+# ---------------------------------------------------------------------------------------------
+# Field checks
+
+
+def utf8(value: str, name: str, where: str) -> str:
+    """``value``, if it is encodable text (JSON can smuggle in lone UTF-16 surrogates like \\ud800)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f'{where}: field "{name}" holds an unpaired surrogate {value[e.start]!r} at character '
+                        f"{e.start} (a broken \\u escape); fix the text's encoding") from None
+    return value
+
+
+def read_text(value: Any, name: str, where: str, tokenizer: Any) -> str:
+    """A string field's value; raises DataError for another type or unencodable text."""
+    if not isinstance(value, str):
+        raise DataError(f'{where}: field "{name}" must be a string, got {type(value).__name__} {value!r:.40} '
+                        "(quote the value)")
+    return utf8(value, name, where)
+
+
+def chat_roles(tokenizer: Any) -> tuple[str, ...]:
+    """Roles chat records may use: system, user, assistant, and tool when the chat template mentions tools."""
+    return ("system", "user", "assistant") + (("tool",) if "tool" in str(tokenizer.chat_template) else ())
+
+
+def read_messages(value: Any, name: str, where: str, tokenizer: Any) -> list[dict]:
+    """A non-empty list of ``{"role", "content"}`` strings with roles the chat template knows; raises DataError."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f'{where}: field "{name}" must be a non-empty list of {{"role", "content"}} objects')
+    roles = chat_roles(tokenizer)
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f'{where}: field "{name}[{i}]" must be an object with "role" and "content"')
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                got = "missing" if m.get(key) is None else f"a {type(m[key]).__name__}"
+                raise DataError(f'{where}: field "{name}[{i}].{key}" must be a string, got {got}')
+        if m["role"] not in roles:
+            raise DataError(f'{where}: field "{name}[{i}].role" is {m["role"][:40]!r}, not a role this chat template '
+                            f"knows; use one of {', '.join(roles)}")
+        out.append({key: utf8(m[key], f"{name}[{i}].{key}", where) for key in ("role", "content")})
+    return out
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer renders conversations itself (else alpaca and prompt/completion are plain text)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Render functions: checked fields, tokenizer, options -> Chat or Plain
+
+
+def _system_text(cfg: DataConfig) -> str:
+    return f"{cfg.system_prompt}\n\n" if cfg.system_prompt else ""
+
+
+def _user_turn(prompt: str, reply: str, cfg: DataConfig) -> Chat:
+    """A user message and an assistant reply, after ``cfg.system_prompt`` as a system message if set."""
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    return Chat(system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])
+
+
+def render_alpaca(fields: dict, tokenizer: Any, cfg: DataConfig) -> Rendered:
+    """instruction (+ "\\n\\n" + input) as the user turn and output as the reply; without a chat template the
+    ``### Instruction: / ### Input: / ### Response:`` layout, the system prompt first."""
+    instruction, extra, output = fields["instruction"], fields["input"], fields["output"]
+    if has_chat_template(tokenizer):
+        return _user_turn(f"{instruction}\n\n{extra}" if extra else instruction, output, cfg)
+    prompt = (f"{_system_text(cfg)}### Instruction:\n{instruction}\n\n"
+              + (f"### Input:\n{extra}\n\n" if extra else "") + "### Response:\n")
+    return Plain(prompt, output)
+
+
+def render_chat(fields: dict, tokenizer: Any, cfg: DataConfig) -> Rendered:
+    """The messages as they are (``cfg.system_prompt`` is not added: a conversation carries its own)."""
+    return Chat(fields["messages"])
+
+
+def render_prompt_completion(fields: dict, tokenizer: Any, cfg: DataConfig) -> Rendered:
+    """prompt as the user turn and completion as the reply; without a chat template the two texts joined as
+    they are, the system prompt first."""
+    if has_chat_template(tokenizer):
+        return _user_turn(fields["prompt"], fields["completion"], cfg)
+    return Plain(_system_text(cfg) + fields["prompt"], fields["completion"])
+
+
+def render_text(fields: dict, tokenizer: Any, cfg: DataConfig) -> Rendered:
+    """The text as it is, every token trained (no chat template, no system prompt)."""
+    return Plain("", fields["text"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a record format."""
+
+    name: str  # the record's key
+    read: Callable[[Any, str, str, Any], Any]  # (value, name, where, tokenizer) -> checked value; raises DataError
+    required: bool = True  # a missing optional field reads as ""
+
+
+@dataclass(frozen=True)
+class Format:
+    """A record format: its fields, how it is recognised and how it renders."""
+
+    fields: tuple[Field, ...]  # checked in this order
+    detect: dict[str, int]  # keys that identify the format -> rank; across formats the lowest present rank wins
+    render: Callable[[dict, Any, DataConfig], Rendered]  # (checked fields, tokenizer, options) -> Chat or Plain
+    needs_chat_template: bool = False  # refuse a tokenizer without a chat template
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """Names of the fields every record must have."""
+        return tuple(f.name for f in self.fields if f.required)
+
+
+FORMATS: dict[str, Format] = {
+    "alpaca": Format((Field("instruction", read_text), Field("input", read_text, required=False),
+                      Field("output", read_text)), {"instruction": 1, "output": 5}, render_alpaca),
+    "chat": Format((Field("messages", read_messages),), {"messages": 0}, render_chat, needs_chat_template=True),
+    "prompt_completion": Format((Field("prompt", read_text), Field("completion", read_text)),
+                                {"prompt": 2, "completion": 3}, render_prompt_completion),
+    "text": Format((Field("text", read_text),), {"text": 4}, render_text),
+}
+
+
+def format_names() -> str:
+    """The known formats for messages: ``alpaca, chat, prompt_completion or text``."""
+    names = list(FORMATS)
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def detect_format(record: dict, where: str) -> str:
+    """The record format from the fields present (the lowest ``Format.detect`` rank among them).
+
+    Raises DataError listing the fields found and the ones each format needs.
+    """
+    found = [(rank, name) for name, fmt in FORMATS.items() for key, rank in fmt.detect.items() if key in record]
+    if found:
+        return min(found)[1]
+    needs = "; ".join(f"{name}: {', '.join(fmt.required)}" for name, fmt in FORMATS.items())
+    raise DataError(f"{where}: cannot tell the record format from fields {sorted(record)} "
+                    f"(needs {needs}); rename the fields or set data.format")
+
+
+def read_fields(record: dict, name: str, tokenizer: Any, where: str) -> dict:
+    """The checked fields of a ``name``-format record (a missing optional field is ""); raises DataError."""
+    fmt = FORMATS[name]
+    out = {}
+    for f in fmt.fields:
+        value = record.get(f.name)
+        if value is None:
+            if f.required:
+                raise DataError(f'{where}: missing field "{f.name}" ({name} format needs {", ".join(fmt.required)})')
+            out[f.name] = ""
+        else:
+            out[f.name] = f.read(value, f.name, where, tokenizer)
+    return out
+
+
+def render(record: dict, name: str, tokenizer: Any, cfg: DataConfig, where: str) -> Rendered:
+    """Check one record's fields against format ``name`` and render it.
+
+    Raises DataError for an unknown format (naming the known ones), a chat-template format on a tokenizer
+    without one, or a missing or wrongly typed field (naming file, line and field).
+    """
+    fmt = FORMATS.get(name)
+    if fmt is None:
+        raise DataError(f"{where}: unknown format {name!r}; use {format_names()}")
+    if fmt.needs_chat_template and not has_chat_template(tokenizer):
+        raise DataError(f"{where}: {name} records need a tokenizer with a chat template, and this one has none; "
+                        "convert the data to prompt_completion or use an instruct model's tokenizer")
+    return fmt.render(read_fields(record, name, tokenizer, where), tokenizer, cfg)
