@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tiny
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qlora_kit import LoraConfig, add_lora, load_adapter, merge_and_export, save_adapter
+from qlora_kit.merging.plan import MergeError
 from qlora_kit.model.adapters import read_adapter
 from qlora_kit.model.lora import lora_layers
-from qlora_kit.merging.plan import MergeError
 from qlora_kit.model.quant import dequantize_weight
-
-from conftest import load_tiny
 
 PROMPTS = ["The capital of France is", "Q: What is 12 times 7?\nA:"]  # verification prompts (fewer = faster)
 IDS = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))
