@@ -3,7 +3,7 @@ from qlora_kit.model.adapters import load_adapter, save_adapter
 from qlora_kit.config import ConfigError, LoraConfig, QuantConfig
 from qlora_kit.model.lora import (active_adapters, adapters_disabled, add_lora, parameter_report, set_active_adapters,
                    set_rank)
-from qlora_kit.merging.merge import merge_and_export
+from qlora_kit.merging.pipeline import merge_and_export
 from qlora_kit.planning.memory import plan_memory
 from qlora_kit.model.load import load_model
 

@@ -7,6 +7,7 @@ import os
 import sys
 
 from qlora_kit.config import ConfigError
+from qlora_kit.dtypes import NAMES as DTYPE_NAMES
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -73,8 +74,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from qlora_kit.merging.merge import merge_and_export
-    from qlora_kit.merging.verify import VerificationError, format_summary
+    from qlora_kit.merging.pipeline import merge_and_export
+    from qlora_kit.merging.report import format_summary
+    from qlora_kit.merging.verify import VerificationError
 
     try:
         report = merge_and_export(args.base, args.adapter, args.out, merge_base=args.merge_base, dtype=args.dtype,
@@ -138,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="output folder (written atomically)")
     mg.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
                     help="add the adapter to dequant(quant(W)) as trained (default) or to the original W")
-    mg.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the checkpoint's)")
+    mg.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
+                    help="output dtype; auto (default): the checkpoint's, or fp32 when that cast would erase the adapter")
     mg.add_argument("--requantize", choices=["nf4", "fp4"],
                     help="save a 4-bit model; the report says how much of the adapter survives (exit 3 if lost)")
     mg.add_argument("--overwrite", action="store_true", help="replace an earlier merge output at --out")

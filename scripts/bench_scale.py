@@ -5,7 +5,7 @@
    generated, the shard written, then freed), so the writer never holds the model.
 2. Loads it in 4-bit NF4 + double quant with qlora_kit.load_model (transformers streams shard by shard).
 3. Attaches LoRA to every linear layer and runs --steps optimizer steps with gradient checkpointing.
-4. Saves the adapter, and merges it with qlora_kit.merging.merge.merge_and_export (streaming export) unless --no-merge.
+4. Saves the adapter, and merges it with qlora_kit.merging.pipeline.merge_and_export (streaming export) unless --no-merge.
 
 For each phase it records wall time, peak RSS and peak anonymous RSS (RssAnon, sampled every millisecond;
 RSS also counts the mmapped safetensors pages, which are reclaimable page cache) and the planner's
@@ -196,9 +196,9 @@ def main(argv=None) -> int:
         del model, opt
         if not args.no_merge:
             try:
-                from qlora_kit.merging.merge import merge_and_export
+                from qlora_kit.merging.pipeline import merge_and_export
             except ImportError:
-                print("qlora_kit.merging.merge.merge_and_export is not available: merge skipped")
+                print("qlora_kit.merging.pipeline.merge_and_export is not available: merge skipped")
             else:
                 phase("merge + export", merge_and_export, ckpt, adapter, merged, overwrite=True, verify=False,
                       progress=False)

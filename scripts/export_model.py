@@ -4,7 +4,7 @@
 A thin wrapper of ``qlora_kit.merge_and_export``: merges the adapter, streams out plain safetensors shards
 with config, generation config and tokenizer, verifies them, and prints how to use the folder.
 
-    python scripts/export_model.py --base BASE_DIR --adapter ADAPTER_DIR --out OUT_DIR [--dtype bf16]
+    python scripts/export_model.py --base BASE_DIR --adapter ADAPTER_DIR --out OUT_DIR [--dtype auto|bf16|fp16|fp32]
         [--merge-base dequantized|original] [--shard-size 2GB] [--overwrite] [--no-verify]
 """
 import argparse
@@ -13,7 +13,8 @@ import sys
 from qlora_kit import merge_and_export
 from qlora_kit.atomic import WriteError
 from qlora_kit.config import ConfigError
-from qlora_kit.merging.verify import format_summary
+from qlora_kit.dtypes import NAMES as DTYPE_NAMES
+from qlora_kit.merging.report import format_summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", required=True)
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto")
     p.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized")
     p.add_argument("--shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true")

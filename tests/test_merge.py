@@ -9,16 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tiny
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qlora_kit import LoraConfig, add_lora, load_adapter, merge_and_export, save_adapter
+from qlora_kit.merging.plan import MergeError
 from qlora_kit.model.adapters import read_adapter
 from qlora_kit.model.lora import lora_layers
-from qlora_kit.merging.merge import MergeError
 from qlora_kit.model.quant import dequantize_weight
-
-from conftest import load_tiny
 
 PROMPTS = ["The capital of France is", "Q: What is 12 times 7?\nA:"]  # verification prompts (fewer = faster)
 IDS = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -189,7 +188,7 @@ import json, sys
 import bitsandbytes.functional, torch, transformers
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from qlora_kit.config import QuantConfig
-from qlora_kit.merging.merge import merge_and_export
+from qlora_kit.merging.pipeline import merge_and_export
 from qlora_kit.model.quant import quantize_roundtrip
 import qlora_kit.merging.write
 quantize_roundtrip(torch.randn(64, 64), QuantConfig())  # load the kernels before the baseline
@@ -275,7 +274,7 @@ def test_requantize_reports_a_small_delta_as_lost(tiny_model_dir, tmp_path):
     rq = report["requantized"]
     assert rq["weight_delta_retained"] < 0.3 and rq["error_rel_to_delta"] > 0.7 and rq["adapter_lost"]
     assert report["verification"]["logit_effect_retained"] < 0.5
-    from qlora_kit.merging.verify import format_summary
+    from qlora_kit.merging.report import format_summary
 
     assert "THE ADAPTER IS LOST" in format_summary(report)
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
@@ -299,3 +298,49 @@ def test_demo_model_merge_generates_like_the_adapter_model(demo_model_dir, tmp_p
     report = merge_and_export(demo_model_dir, tmp_path / "ad", tmp_path / "out", dtype="fp32", progress=False, prompts=PROMPTS)
     v = report["verification"]
     assert v["passed"] and v["generations_identical"] == 1.0, v
+
+
+@pytest.fixture(scope="module")
+def bf16_base(tmp_path_factory):
+    from qlora_kit.testing.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("bf16") / "base", dtype=torch.bfloat16)
+
+
+def test_dtype_auto_writes_fp32_when_bf16_would_erase_the_adapter(bf16_base, tmp_path):
+    """A delta small next to bf16 rounding of the weights (scale 2e-4: cast error ~0.6x ||ΔW||) -> fp32."""
+    from qlora_kit.merging.report import format_summary
+    from qlora_kit.merging.weights import CAST_ERROR_LIMIT
+
+    _random_adapter(bf16_base, tmp_path / "ad", scale=2e-4)
+    report = merge_and_export(bf16_base, tmp_path / "ad", tmp_path / "m", progress=False, prompts=PROMPTS)
+    auto = report["dtype_auto"]
+    assert report["dtype"] == "float32" and auto["checkpoint_dtype"] == "bfloat16" and auto["chosen"] == "float32"
+    assert auto["cast_error_rel_to_delta"] > CAST_ERROR_LIMIT and report["cast_error_rel_to_delta"] == 0.0
+    assert any("dtype auto wrote float32" in n for n in report["notes"])
+    assert "float32, not the checkpoint's bfloat16" in format_summary(report).splitlines()[0]
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float32"
+    assert _tensors(tmp_path / "m")["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32
+    v = report["verification"]  # fp32 + dequantized: held to the strict tolerance
+    assert v["tolerance"] == 1e-4 and v["passed"]
+    # the same adapter with an explicit bf16 is written in bf16 and the loss is noted
+    lossy = merge_and_export(bf16_base, tmp_path / "ad", tmp_path / "b", dtype="bf16", verify=False, progress=False)
+    assert lossy["dtype"] == "bfloat16" and lossy["dtype_auto"] is None
+    assert lossy["cast_error_rel_to_delta"] == pytest.approx(auto["cast_error_rel_to_delta"], rel=1e-6)
+    assert any("export with dtype fp32 to keep it" in n for n in lossy["notes"])
+
+
+def test_dtype_auto_keeps_bf16_when_the_delta_survives_the_cast(bf16_base, tmp_path, capsys):
+    """A delta large next to bf16 rounding (scale 0.1: cast error ~0.002x ||ΔW||) -> the checkpoint's bf16."""
+    from qlora_kit.cli import main
+    from qlora_kit.merging.weights import CAST_ERROR_LIMIT
+
+    _random_adapter(bf16_base, tmp_path / "ad", scale=0.1)
+    assert main(["merge", "--base", str(bf16_base), "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m"),
+                 "--no-verify"]) == 0
+    report = json.loads((tmp_path / "m" / "merge_report.json").read_text())
+    assert report["dtype"] == "bfloat16" and report["dtype_auto"]["chosen"] == "bfloat16"
+    assert report["dtype_auto"]["cast_error_rel_to_delta"] < CAST_ERROR_LIMIT and not report["notes"]
+    assert report["cast_error_rel_to_delta"] == pytest.approx(report["dtype_auto"]["cast_error_rel_to_delta"], rel=1e-6)
+    assert _tensors(tmp_path / "m")["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    assert "rank 4, bfloat16) into" in capsys.readouterr().out

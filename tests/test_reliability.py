@@ -139,7 +139,7 @@ def slow(*a, **k):
         time.sleep(120)
     return real(*a, **k)
 export.merged_tensor = slow
-from qlora_kit.merging.merge import merge_and_export
+from qlora_kit.merging.pipeline import merge_and_export
 merge_and_export(sys.argv[1], sys.argv[2], sys.argv[3], verify=False, shard_size="40KB", progress=False)
 """
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qlora_kit.model.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE, read_adapter
 from qlora_kit.atomic import atomic_dir, atomic_write_json, check_replaceable
 from qlora_kit.config import ConfigError
-from qlora_kit.merging.merge import TOKENIZER_FILES
+from qlora_kit.merging.plan import TOKENIZER_FILES
+from qlora_kit.model.adapters import CONFIG_FILE, PREFIX, WEIGHTS_FILE, read_adapter
 from qlora_kit.paths import check_output_path
 
 RESIZE_OURS = ("resize_report.json",)  # every resized adapter holds it: --overwrite may replace only such a folder

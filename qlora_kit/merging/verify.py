@@ -6,16 +6,17 @@ that of the merged model in fp32, not of both.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
-import logging
 import shutil
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-log = logging.getLogger("qlora_kit")
+from qlora_kit.data import IGNORE_INDEX
+from qlora_kit.dtypes import dtype_name
+from qlora_kit.merging.plan import MergePlan, build_plan
+from qlora_kit.merging.write import write_model
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -53,11 +54,11 @@ def _run(model, prompt_ids: list[torch.Tensor], pad_id: int, max_new_tokens: int
     return {"logits": logits, "generations": gens}
 
 
-def _reference_model(plan):
+def _reference_model(plan: MergePlan):
     """The 4-bit base + adapter exactly as training ran it, with fp32 compute."""
     from qlora_kit.model.adapters import load_adapter
-    from qlora_kit.model.lora import set_rank
     from qlora_kit.model.load import load_model
+    from qlora_kit.model.lora import set_rank
 
     model, _ = load_model(plan.base, quant=plan.quant, compute_dtype="fp32", device="cpu")
     vocab = plan.config.get("vocab_size")
@@ -134,18 +135,15 @@ def eval_loss(model, examples: list) -> float:
         ids = torch.tensor([ex.input_ids])  # [1, T]
         labels = torch.tensor(ex.labels[1:])  # [T-1]: position t predicts token t+1
         logits = model(input_ids=ids).logits[0, :-1].float()  # [T-1, V]
-        total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
-        count += int((labels != -100).sum())
+        total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((labels != IGNORE_INDEX).sum())
     return total / max(count, 1)
 
 
-def _other_merge_loss(plan, folder: Path, examples: list, progress: bool) -> tuple[str, float]:
+def _other_merge_loss(plan: MergePlan, folder: Path, examples: list, progress: bool) -> tuple[str, float]:
     """Eval loss of the merge mode not exported, built in a scratch folder and deleted after."""
-    from qlora_kit.merging.write import write_model
-    from qlora_kit.merging.merge import _DTYPE_NAMES, build_plan
-
     other = "original" if plan.merge_base == "dequantized" else "dequantized"
-    other_plan = build_plan(plan.base, plan.adapter_dir, other, _dtype_arg(_DTYPE_NAMES[plan.out_dtype]), plan.rank)
+    other_plan = build_plan(plan.base, plan.adapter_dir, other, dtype_name(plan.out_dtype), plan.rank)
     scratch = folder / f".{other}-merge"
     scratch.mkdir()
     try:
@@ -158,14 +156,10 @@ def _other_merge_loss(plan, folder: Path, examples: list, progress: bool) -> tup
     return other, loss
 
 
-def _dtype_arg(name: str) -> str:
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[name]
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole check
 
-def verify_export(folder: Path, plan, prompts: list[str] | None = None, eval_file: str | Path | None = None,
+def verify_export(folder: Path, plan: MergePlan, prompts: list[str] | None = None, eval_file: str | Path | None = None,
                   strict: bool = True, progress: bool = True, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """Compare the export in ``folder`` with the 4-bit base + adapter; return the report's verification part.
 
@@ -213,7 +207,7 @@ def verify_export(folder: Path, plan, prompts: list[str] | None = None, eval_fil
     return result
 
 
-def _judge(result: dict, plan, strict: bool) -> None:
+def _judge(result: dict, plan: MergePlan, strict: bool) -> None:
     """Set the tolerance and pass/fail fields; raise in strict mode for a dequantized fp32 mismatch."""
     exact = plan.merge_base == "dequantized" and plan.out_dtype == torch.float32 and plan.requantize is None
     if plan.requantize is not None:
@@ -234,68 +228,3 @@ def _judge(result: dict, plan, strict: bool) -> None:
             f"{result['max_abs_logit_diff']:.3g} ({result['max_rel_logit_diff']:.3g} of the logit scale "
             f"{result['logit_scale']:.3g}; tolerance {tol}), finite={result['finite']}. Nothing was written. "
             "Check that --base is the checkpoint the adapter was trained on, or rerun with --no-verify to inspect.")
-
-
-def _weighted(layers: dict, field: str) -> float | None:
-    """The ||ΔW||²-weighted mean of a per-layer field (so big deltas count more)."""
-    pairs = [(s[field], s["delta_norm"] ** 2) for s in layers.values() if field in s]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total > 0 else None
-
-
-def build_report(plan, written: dict, out: Path, seconds: float) -> dict:
-    """The merge part of merge_report.json: what was merged, how, and what the output dtype did to ΔW."""
-    from qlora_kit.merging.merge import _DTYPE_NAMES
-
-    layers = written["layers"]
-    report = {
-        "base": str(plan.base), "adapter": str(plan.adapter_dir), "out": str(out), "merge_base": plan.merge_base,
-        "dtype": _DTYPE_NAMES[plan.out_dtype], "rank": plan.rank, "scale": plan.scale,
-        "quant": dataclasses.asdict(plan.quant), "modules_merged": len(layers),
-        "copies": sorted(it.key for it in plan.items if it.copy is not None),
-        "shards": written["shards"], "bytes": written["bytes"], "merge_seconds": round(seconds, 2),
-        "cast_error_rel_to_delta": _weighted(layers, "cast_error_rel_to_delta"),
-        "notes": list(plan.notes), "layers": layers,
-    }
-    cast = report["cast_error_rel_to_delta"]
-    if cast is not None and cast > 0.1:
-        report["notes"].append(f"casting to {report['dtype']} changes the merged weights by {cast:.2f}x the adapter's "
-                               "delta (the delta is small next to the weights); export with dtype fp32 to keep it")
-    if plan.requantize is not None:
-        retained = _weighted(layers, "requant_retained")
-        report["requantized"] = {
-            "quant_type": plan.requantize.quant_type, "weight_delta_retained": retained,
-            "error_rel_to_delta": _weighted(layers, "requant_error_rel_to_delta"),
-            "adapter_lost": retained is not None and retained < 0.5}
-    return report
-
-
-def format_summary(report: dict) -> str:
-    """A few plain lines for the terminal: what was written, how it compares, and what was lost."""
-    lines = [f"merged {report['modules_merged']} modules ({report['merge_base']} base, rank {report['rank']}, "
-             f"{report['dtype']}) into {report['out']}: {report['shards']} shard(s), {report['bytes'] / 2**20:.1f} MiB "
-             f"in {report['merge_seconds']:.1f} s"]
-    lines += [f"note: {n}" for n in report["notes"]]
-    rq = report.get("requantized")
-    if rq:
-        kept = rq["weight_delta_retained"]
-        lines.append(f"re-quantized to {rq['quant_type']}: {100 * (kept or 0):.0f}% of the adapter's weight change "
-                     f"survives (error {rq['error_rel_to_delta'] or 0:.2f}x the delta)")
-        if rq["adapter_lost"]:
-            lines.append("THE ADAPTER IS LOST: re-quantizing the merged weights rounds them back to the base model's "
-                         "4-bit values. This export behaves like the base model. Export without --requantize "
-                         "(bf16/fp32) to keep the fine-tune, or serve the 4-bit base with the adapter.")
-    v = report.get("verification")
-    if v:
-        if "max_abs_logit_diff" in v:
-            tol = f" (tolerance {v['tolerance']:g} relative)" if v.get("tolerance") else ""
-            lines.append(f"verification on {len(v['prompts'])} prompts vs 4-bit + adapter: max |Δlogit| "
-                         f"{v['max_abs_logit_diff']:.3g} = {v['max_rel_logit_diff']:.2e} of the logit scale{tol}, "
-                         f"mean {v['mean_abs_logit_diff']:.3g}; greedy generations identical "
-                         f"{100 * v['generations_identical']:.0f}% ({100 * v['generation_token_agreement']:.0f}% of tokens)"
-                         f" -> {'PASS' if v['passed'] else 'FAIL'}")
-        if "logit_effect_retained" in v:
-            lines.append(f"logit effect of the adapter retained by the export: {100 * v['logit_effect_retained']:.0f}%")
-        for name, loss in (v.get("eval_loss") or {}).items():
-            lines.append(f"eval loss {name}: {loss:.4f}")
-    return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -18,9 +19,29 @@ from tqdm.auto import tqdm
 
 from qlora_kit.atomic import atomic_write_json
 from qlora_kit.config import QuantConfig
-from qlora_kit.merging.merge import _ST_NAMES, INDEX_FILE, TOKENIZER_FILES, Item, MergePlan, Source, merged_tensor
+from qlora_kit.merging.plan import (
+    INDEX_FILE,
+    TOKENIZER_FILES,
+    Item,
+    MergeError,
+    MergePlan,
+    Source,
+    safetensors_name,
+)
+from qlora_kit.merging.weights import merged_tensor
 
 COPY_FILES = ("generation_config.json",)
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in ``"2GB"``, ``"500MB"``, ``"64KiB"`` or a plain integer. Raises MergeError when unreadable."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise MergeError(f"shard size {size!r}: use a number of bytes or e.g. '2GB', '500MB'")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
 def assign_shards(items: list[Item], limit: int) -> list[list[Item]]:
@@ -46,7 +67,7 @@ def _header(items: list[Item]) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for it in items:
-        header[it.key] = {"dtype": _ST_NAMES[it.dtype], "shape": list(it.shape),
+        header[it.key] = {"dtype": safetensors_name(it.dtype), "shape": list(it.shape),
                           "data_offsets": [offset, offset + it.nbytes]}
         offset += it.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -54,7 +75,7 @@ def _header(items: list[Item]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _return_big_buffers_to_the_os() -> None:
+def return_big_buffers_to_the_os() -> None:
     """Make glibc serve buffers of 1 MiB or more with mmap, so freeing a tensor returns its memory at once.
 
     By default glibc raises its mmap threshold after the first large free and then keeps freed 10-100 MB
@@ -71,13 +92,14 @@ def _return_big_buffers_to_the_os() -> None:
         pass
 
 
-class _Reader:
-    """Reads checkpoint tensors, keeping at most one shard open (memory-mapped) at a time."""
+class CheckpointReader:
+    """Reads checkpoint tensors, keeping at most one shard open (memory-mapped) at a time. Call ``close`` after."""
 
     def __init__(self):
         self.file, self.ctx, self.handle = None, None, None
 
     def __call__(self, src: Source) -> torch.Tensor:
+        """The tensor ``src`` describes, memory-mapped from its shard."""
         if src.file != self.file:
             self.close()
             self.ctx = safe_open(str(src.file), "pt")
@@ -85,6 +107,7 @@ class _Reader:
         return self.handle.get_tensor(src.key)
 
     def close(self) -> None:
+        """Close the open shard, if any."""
         if self.ctx is not None:
             self.ctx.__exit__(None, None, None)
         self.file, self.ctx, self.handle = None, None, None
@@ -96,10 +119,10 @@ def write_model(plan: MergePlan, folder: Path, shard_limit: int, progress: bool 
     Returns ``{"shards", "bytes", "layers"}`` (``layers``: per adapted module statistics).
     Raises MergeError on a NaN/inf merged weight.
     """
-    _return_big_buffers_to_the_os()
+    return_big_buffers_to_the_os()
     groups = assign_shards(plan.items, shard_limit)
     names = shard_names(len(groups))
-    reader, layers = _Reader(), {}
+    reader, layers = CheckpointReader(), {}
     bar = tqdm(total=len(plan.items), desc="merge", unit="tensor", disable=not progress)
     try:
         for name, group in zip(names, groups):
