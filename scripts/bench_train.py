@@ -31,6 +31,10 @@ positions (forward + input-grad); LoRA forward, input-grad and weight-grad. Atte
 
     python scripts/bench_train.py                         # the default run (160 examples, 1 epoch = 20 steps)
     python scripts/bench_train.py --examples 160 --max-steps 12   # a few minutes
+    python scripts/bench_train.py --size 1b --runs ours,peer-best --max-steps 4   # the ~1B Llama-shaped random model
+
+The raw results go to ``docs/results/bench-train-<cpu kind>[-1b].json`` (``--json`` to change), with the CPU's
+model name, its SIMD/matrix flags and the load average before and after.
 """
 from __future__ import annotations
 
@@ -296,6 +300,38 @@ def launch(name: str, kind: str, args, out: Path, data: Path, model: Path, **ext
     return result
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+# a random Llama-shaped ~1B model (TinyLlama's shape: 1.03B parameters with the tiny 384-token vocabulary)
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+            "num_key_value_heads": 4, "max_position_embeddings": 2048}
+
+
+def cpu_info() -> dict:
+    """The CPU's model name, the SIMD/matrix flags that decide the compute dtype, and a short kind name."""
+    text = Path("/proc/cpuinfo").read_text()
+    name = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "?")
+    flags = set(next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), []))
+    present = [f for f in SIMD_FLAGS if f in flags]
+    kind = "amx" if "amx_bf16" in flags else "avx512bf16" if "avx512_bf16" in flags else "avx2"
+    return {"model": name, "flags": present, "kind": kind}
+
+
+def model_for(size: str, out: Path) -> Path:
+    """The demo model, or (``1b``) a random bf16 Llama of the 1B shape written once under ``out``."""
+    from qlora_kit.demo.model import demo_model_path
+
+    if size == "demo":
+        return demo_model_path()
+    import torch
+
+    from qlora_kit.testing.tiny import make_tiny_model
+
+    folder = out / "model-1b"
+    if not (folder / "config.json").is_file():
+        make_tiny_model(folder, dtype=torch.bfloat16, **LLAMA_1B)
+    return folder
+
+
 def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -320,7 +356,9 @@ def main() -> int:
                    help="torch threads per run (and for the GEMM peak); on a machine shared with other jobs, "
                         "1 thread avoids OpenMP barrier stalls (see docs/benchmarks.md)")
     p.add_argument("--out", default="runs/bench-train")
-    p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--json", default="", help="write the raw results here (default docs/results/bench-train-<kind>.json)")
+    p.add_argument("--size", default="demo", choices=["demo", "1b"],
+                   help="demo: SmolLM2-135M (the default run); 1b: a random Llama of the ~1B shape (use --max-steps)")
     # worker mode (internal)
     p.add_argument("--worker", choices=["ours", "peer"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -333,21 +371,20 @@ def main() -> int:
         run_worker(args)
         return 0
 
-    from qlora_kit.demo.model import demo_model_path
     from qlora_kit.demo.task import write_demo_dataset
 
     out = Path(args.out)
-    model = demo_model_path()
+    model = model_for(args.size, out)
     data = out / "data"
     write_demo_dataset(data, n_train=args.examples, n_eval=args.eval_examples)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    flags = open("/proc/cpuinfo").read()
-    native_bf16 = "amx_bf16" in flags or "avx512_bf16" in flags
+    info = cpu_info()
+    info["load_before"] = load_average()
+    native_bf16 = info["kind"] != "avx2"
     # without native bf16, torch's bf16 GEMM is a slow fallback (a 2048² matmul took 52 s on a 2-core AVX2 CPU):
     # measure its peak on a smaller matrix, fewer times, so the benchmark stays inside its time budget
     gemm = {"fp32": {}, "bf16": {} if native_bf16 else {"n": 512, "reps": 3}}
     peaks = {d: gemm_peak(d, args.threads, **gemm[d]) for d in ("fp32", "bf16")}
-    print(f"machine: {cpu}, {os.cpu_count()} CPUs, AMX-BF16 {'amx_bf16' in flags}, AVX512-BF16 {'avx512_bf16' in flags}; "
+    print(f"machine: {info['model']}, {os.cpu_count()} CPUs, flags {' '.join(info['flags'])} ({info['kind']}); "
           f"GEMM peak (2048², bf16 512² without native bf16; {args.threads} thread(s)): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; "
           f"load average {load_average()}", flush=True)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -419,9 +456,12 @@ def main() -> int:
                 print(f"ours/{peer}: tokens/s {x['tokens_per_s']:.2f}x, peak RSS {x['peak_rss']:.2f}x, "
                       f"peak RssAnon {x['peak_anon']:.2f}x (training phase {x['train_peak_anon']:.2f}x), {quality}, "
                       f"wall {x['wall']:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"peaks": peaks, "counts": counts, "results": results,
-                                               "ratios": ratios, "probe": probe, "best_dtype": best_dtype}, indent=1))
+    info["load_after"] = load_average()
+    target = Path(args.json or ROOT / "docs" / "results" / f"bench-train-{info['kind']}{'-1b' if args.size == '1b' else ''}.json")
+    target.write_text(json.dumps({"cpu": info, "size": args.size, "threads": args.threads, "peaks": peaks,
+                                  "counts": counts, "results": results, "ratios": ratios, "probe": probe,
+                                  "best_dtype": best_dtype}, indent=1))
+    print(f"raw results: {target}")
     return 0
 
 

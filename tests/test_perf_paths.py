@@ -168,3 +168,36 @@ def test_dequantized_cache_greedy_identical_and_released(tiny_model_dir):
     with pytest.raises(RuntimeError, match="inference-only"):
         with dequantized_weights(model):
             pass
+
+
+def test_evaluate_then_train_leaves_no_cpu_packed_weight(tiny_model_dir):
+    """FACTS.md: bnb's Linear4bit repacks its weight in place for a bf16 CPU kernel in eval mode without grad
+    (on AVX512-BF16 CPUs) and never unpacks it. Evaluating (with and without the adapter) must not do that,
+    and a training step afterwards must change the loss."""
+    from qlora_kit import LoraConfig, add_lora
+    from qlora_kit.model.lora import adapters_disabled
+    from qlora_kit.training.loss import causal_lm_loss
+
+    model, _ = load_tiny(tiny_model_dir, compute_dtype="bf16")
+    add_lora(model, LoraConfig(r=8, alpha=16))
+    ids = torch.randint(0, 100, (2, 12))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+        with adapters_disabled(model):
+            model(input_ids=ids)
+    packed = [n for n, m in model.named_modules()
+              if getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)]
+    assert packed == []
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(3):
+        loss, n = causal_lm_loss(model, batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item() / n)
+    assert losses[-1] < losses[0]

@@ -18,7 +18,7 @@ from torch import nn
 from qlora_kit.model.adapter_check import CONFIG_FILE, PREFIX, WEIGHTS_FILE, check_adapter
 from qlora_kit.atomic import atomic_dir, safetensors_bytes
 from qlora_kit.config import ConfigError, LoraConfig, QuantConfig
-from qlora_kit.model.lora import (LoraLinear, TrainableCopy, _layer_index, active_adapters, attach_adapter, inference_rank,
+from qlora_kit.model.lora import (LoraLinear, TrainableCopy, active_adapters, attach_adapter, inference_rank, layer_index,
                    lora_layers, resolve_targets, set_active_adapters, set_rank)
 
 
@@ -29,7 +29,7 @@ class AdapterMismatchError(ValueError):
 def _compact_targets(model: nn.Module, names: list[str]) -> tuple[list[str], list[int] | None]:
     """PEFT's (target_modules, layers_to_transform) for exactly ``names``: leaf names when they suffice."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    layers = sorted({i for n in names if (i := _layer_index(n)) is not None})
+    layers = sorted({i for n in names if (i := layer_index(n)) is not None})
     for candidate_layers in (None, layers):
         try:
             chosen = resolve_targets(model, LoraConfig(target_modules=leaves, layers=candidate_layers))

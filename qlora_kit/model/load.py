@@ -11,6 +11,7 @@ from torch import nn
 
 from qlora_kit.config import ConfigError, QuantConfig
 from qlora_kit.hardware import choose_compute_dtype, default_device, parse_dtype
+from qlora_kit.model.attention import use_short_attention
 from qlora_kit.model.quant import is_4bit, is_8bit, logical_numel
 from qlora_kit.model.remote_code import check_remote_code
 
@@ -105,6 +106,8 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, compute_dtype
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     prepare_for_kbit_training(model, dtype, gradient_checkpointing)
+    if dev.type == "cpu":
+        use_short_attention(model)  # faster training attention at short lengths, same memory as SDPA
     if offload == "cpu":
         from qlora_kit.offload.runtime import offload_base
 

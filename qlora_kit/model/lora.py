@@ -130,7 +130,8 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)  # bnb Linear4bit and Linear8bitLt subclass nn.Linear
 
 
-def _layer_index(name: str) -> int | None:
+def layer_index(name: str) -> int | None:
+    """The decoder-block number in a module name (``model.layers.3.mlp.up_proj`` -> 3), or None outside the blocks."""
     m = _LAYER_INDEX.search(f".{name}.")
     return int(m.group(1)) if m else None
 
@@ -147,7 +148,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                and not n.endswith(".base")}
     spec = config.target_modules
     if spec == "all-linear":
-        chosen = [n for n in linears if _layer_index(n) is not None]
+        chosen = [n for n in linears if layer_index(n) is not None]
     elif isinstance(spec, str):
         try:
             pattern = re.compile(spec)
@@ -157,7 +158,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     else:
         chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in spec)]
     if config.layers is not None:
-        chosen = [n for n in chosen if _layer_index(n) in set(config.layers)]
+        chosen = [n for n in chosen if layer_index(n) in set(config.layers)]
     if not chosen:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ConfigError(
