@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from qlora_kit.optimizers import optimizer_spec
 from qlora_kit.planning.estimate import PlanSettings, gib, peak
 from qlora_kit.planning.models import Architecture
 
@@ -54,9 +55,10 @@ def changes(s: PlanSettings) -> list[tuple[str, dict]]:
     out = []
     if not s.grad_checkpointing:
         out.append(("turn gradient checkpointing on (+~33% compute)", {"grad_checkpointing": True}))
-    if s.optimizer in ("adamw", "paged_adamw_32bit"):
+    spec = optimizer_spec(s.optimizer)
+    if spec.state_bits > 8:
         out.append(("use the 8-bit AdamW (adamw_8bit)", {"optimizer": "adamw_8bit"}))
-    if not s.optimizer.startswith("paged"):
+    if not spec.paged:
         out.append(("use paged_adamw_8bit (states spill to host memory)", {"optimizer": "paged_adamw_8bit"}))
     if not s.chunked_loss:
         out.append(("use the chunked loss", {"chunked_loss": True}))
