@@ -1,6 +1,6 @@
 """Refuse, before any allocation, a run the memory planner says cannot fit this machine by a wide margin.
 
-``check_fits`` plans the run (``memory.plan_memory``, from config.json alone) and compares the predicted peak
+``check_fits`` plans the run (``planning.memory.plan_memory``, from config.json alone) and compares the predicted peak
 with ``hardware.available_memory``. Only a clear misfit is refused: more than ``REFUSE_MARGIN`` (1.5) times the
 available memory. The planner is an estimate, the OS can page, and a run a little over its budget may still
 finish; a run that needs 50 times the machine (``lora.r: 1000000``) cannot, and would only die in the
