@@ -144,6 +144,21 @@ def test_cheapest_fixes_include_offload_where_it_fits():
                                           device_memory="24GB").advice
 
 
+def test_combined_fix_is_the_fewest_cheapest_changes_and_fits():
+    plan = plan_memory("llama-2-7b", seq_len=8192, batch=4, grad_checkpointing=False, optimizer="adamw",
+                       device_memory="12GB")
+    assert plan.advice.startswith("cheapest fix: combine ")
+    said = plan.advice.removeprefix("cheapest fix: combine ").split("; ")
+    assert said == ["turn gradient checkpointing on (+~33% compute)", "use paged_adamw_8bit (states spill to host memory)",
+                    "use batch 1 with gradient accumulation"]  # the later optimizer change supersedes adamw_8bit
+    fixed = plan_memory("llama-2-7b", seq_len=8192, batch=1, grad_checkpointing=True, optimizer="paged_adamw_8bit",
+                        device_memory="12GB")
+    assert fixed.total - fixed.spillable <= fixed.device_memory
+    without_batch = plan_memory("llama-2-7b", seq_len=8192, batch=4, grad_checkpointing=True,
+                                optimizer="paged_adamw_8bit", device_memory="12GB")
+    assert without_batch.total - without_batch.spillable > without_batch.device_memory  # no change too many
+
+
 def test_fsdp_hint_names_a_device_count_that_fits():
     plan = plan_memory("llama-3.1-70b", seq_len=256, device_memory="6GB", offload="cpu")
     assert plan.fits is False and "no setting makes it fit one device" in plan.advice

@@ -132,11 +132,12 @@ def plan_memory(model_or_config: str | Path | dict, seq_len: int = 2048, batch: 
                      offload=offload).validate()
     parts, top = peak(arch, s)
     budget = parse_bytes(device_memory)
-    verdict = judge(arch, s, budget) if budget is not None else None
-    return MemoryPlan(arch.name, dataclasses.asdict(s), _rows(parts, s, top.alive, top.overhead), top.moment,
-                      top.total, top.overhead, top.spill, budget, verdict and verdict.fits,
-                      verdict and verdict.max_batch, verdict and verdict.max_seq_len,
-                      verdict.advice if verdict else "", arch.params, parts.lora_params)
+    v = judge(arch, s, budget) if budget is not None else None
+    return MemoryPlan(model=arch.name, settings=dataclasses.asdict(s), rows=_rows(parts, s, top.alive, top.overhead),
+                      peak_moment=top.moment, total=top.total, overhead=top.overhead, spillable=top.spill,
+                      device_memory=budget, fits=v.fits if v else None, max_batch=v.max_batch if v else None,
+                      max_seq_len=v.max_seq_len if v else None, advice=v.advice if v else "",
+                      params=arch.params, lora_params=parts.lora_params)
 
 
 def format_plan(plan: MemoryPlan) -> str:

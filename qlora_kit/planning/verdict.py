@@ -16,10 +16,10 @@ from qlora_kit.planning.estimate import PlanSettings, gib, peak
 from qlora_kit.planning.models import Architecture
 
 _OFFLOAD = {  # by device type: where the frozen base goes
-    "cuda": (("offload the frozen 4-bit base to host memory (--offload cpu, model.offload: cpu; "
+    "cuda": (("offload the frozen 4-bit base to host memory (--offload cpu, model.offload: cpu, "
               "its weights stream to the GPU every step)"), "cpu"),
-    "cpu": (("offload the frozen 4-bit base to disk (--offload disk, model.offload: disk; "
-             "memory-mapped, paged in by the OS)"), "disk"),
+    "cpu": (("offload the frozen 4-bit base to disk (--offload disk, model.offload: disk, "
+             "memory-mapped and paged in by the OS)"), "disk"),
 }
 
 
@@ -74,25 +74,31 @@ def changes(s: PlanSettings) -> list[tuple[str, dict]]:
 
 
 def cheapest_fix(arch: Architecture, s: PlanSettings, budget: float) -> str:
-    """The cheapest single change (then all changes together) that makes ``s`` fit ``budget``, as advice."""
+    """The cheapest change that makes ``s`` fit ``budget``, as advice: one change alone, else the fewest cheapest
+    changes together, else all of them with shorter sequences, else how many FSDP devices would hold it."""
     options = changes(s)
     for label, change in options:  # one change alone, cheapest first
         if fits(arch, dataclasses.replace(s, **change), budget):
             return f"cheapest fix: {label}"
-    every = dataclasses.replace(s, **{k: v for _, change in options for k, v in change.items()})
-    together = "; ".join(label for label, _ in options)
-    if options and fits(arch, every, budget):
-        return f"cheapest fix: combine {together}"
+    applied: dict = {}
+    said: dict[str, str] = {}  # setting -> the label of the change that set it last (rank 4 supersedes rank 8)
+    for label, change in options:  # then the cheapest changes together, one more at a time
+        applied.update(change)
+        said.update(dict.fromkeys(change, label))
+        together = "; ".join(dict.fromkeys(said.values()))
+        if fits(arch, dataclasses.replace(s, **applied), budget):
+            return f"cheapest fix: combine {together}"
+    every = dataclasses.replace(s, **applied)
     seq = largest(arch, every, "seq_len", budget, 64, s.seq_len)
     if seq:
-        return f"cheapest fix: {'combine ' + together + ', and ' if options else ''}shorten sequences to {seq} tokens"
+        return f"cheapest fix: {'combine ' + together + '; and ' if options else ''}shorten sequences to {seq} tokens"
     _, floor = peak(arch, dataclasses.replace(every, seq_len=64))
     return (f"no setting makes it fit one device: even at 64 tokens with every saving it needs {gib(floor.total)}"
             f"{_fsdp_hint(arch, s, budget)}")
 
 
 def _fsdp_hint(arch: Architecture, s: PlanSettings, budget: float) -> str:
-    """How many FSDP devices of ``budget`` bytes would hold ``s`` (from the savings that keep its offload)."""
+    """How many FSDP devices of ``budget`` bytes each would hold ``s`` with its other settings unchanged."""
     if s.strategy == "fsdp":
         return ""
     for n in (2, 4, 8, 16, 32, 64):
