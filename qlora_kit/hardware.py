@@ -62,3 +62,28 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 2**63  # unknown: never force checkpointing on
+
+
+def choose_cpu_threads() -> int:
+    """Set torch's CPU thread count for this process by how busy the machine is, and return it.
+
+    With every core free, all cores. When other processes already keep the cores busy (1-minute load average
+    at or above cores - 0.5), one thread: OpenMP threads that wait on each other at every op barrier made a
+    training step 6x slower than one thread on a loaded 2-core CPU (docs/benchmarks.md). ``OMP_NUM_THREADS``
+    or ``QLORA_KIT_THREADS`` in the environment decide instead when set.
+    """
+    import os
+
+    cores = os.cpu_count() or 1
+    if os.environ.get("QLORA_KIT_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+        threads = int(os.environ.get("QLORA_KIT_THREADS") or os.environ["OMP_NUM_THREADS"])
+        why = "from the environment"
+    else:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        busy = cores > 1 and load >= cores - 0.5
+        threads = 1 if busy else cores
+        why = f"load average {load:.1f} on {cores} cores" + (": other processes compete" if busy else "")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(max(1, threads))
+        log.info("CPU threads: %d (%s)", threads, why)
+    return torch.get_num_threads()

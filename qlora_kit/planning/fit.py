@@ -17,6 +17,7 @@ from qlora_kit import hardware
 from qlora_kit.config import ConfigError, TrainConfig
 from qlora_kit.dtypes import dtype_name
 from qlora_kit.planning.estimate import GiB
+from qlora_kit.optimizers import resolve_optimizer
 from qlora_kit.planning.memory import MemoryPlan, plan_memory
 
 log = logging.getLogger("qlora_kit")
@@ -29,7 +30,7 @@ def plan_run(config: TrainConfig, model_path: Path, seq_len: int, device: torch.
     """The memory plan of ``config`` on ``device`` at ``seq_len`` tokens per sequence (reads config.json only)."""
     dtype = dtype_name(hardware.choose_compute_dtype(config.model.compute_dtype, device))
     return plan_memory(str(model_path / "config.json"), seq_len=seq_len, batch=config.training.batch_size,
-                       rank=config.lora.r, targets=targets, optimizer=config.training.optimizer,
+                       rank=config.lora.r, targets=targets, optimizer=resolve_optimizer(config.training.optimizer, device.type).name,
                        grad_checkpointing=grad_checkpointing, quant=config.quant, compute_dtype=dtype,
                        device=device.type, device_memory=device_memory, offload=config.model.offload,
                        loss_chunk=config.training.loss_chunk_size)

@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from qlora_kit.config import TrainingConfig
-from qlora_kit.optimizers import optimizer_spec
+from qlora_kit.optimizers import optimizer_spec, resolve_optimizer
 
 log = logging.getLogger("qlora_kit")
 
@@ -16,14 +16,13 @@ log = logging.getLogger("qlora_kit")
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer ``cfg.optimizer`` names (``qlora_kit.optimizers.OPTIMIZERS``), over ``params``.
 
-    An optimizer that needs another device type (paged ones need CUDA unified memory) falls back to its
-    unpaged twin of the same precision, and the log says so once. Raises ValueError for an unknown name.
+    An optimizer that needs another device type (paged ones need CUDA unified memory) falls back to the row's
+    ``fallback`` (torch's fused AdamW), and the log says so once. Raises ValueError for an unknown name.
     """
-    spec = optimizer_spec(cfg.optimizer)
-    if spec.devices and device.type not in spec.devices and spec.fallback is not None:
-        log.info("optimizer %s: paged memory needs a CUDA GPU; using %s on %s instead", spec.name, spec.fallback.name,
-                 device.type)
-        spec = spec.fallback
+    spec = resolve_optimizer(cfg.optimizer, device.type)
+    if spec is not optimizer_spec(cfg.optimizer):
+        log.info("optimizer %s: paged memory needs a CUDA GPU; using %s (torch, fused) on %s instead", cfg.optimizer,
+                 spec.name, device.type)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
         return spec.factory(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
