@@ -22,6 +22,8 @@ import os
 import torch
 from torch import nn
 
+from qlora_kit.dtypes import lookup
+
 log = logging.getLogger("qlora_kit")
 
 # Seconds a collective (or the process-group rendezvous) may wait for a peer before the rank fails,
@@ -34,13 +36,9 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def fsdp_compute_dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
-
-
 def configure_quant_for_fsdp(config, dtype: torch.dtype) -> None:
     """FSDP flattens a unit's parameters into one tensor of one dtype: store the 4-bit codes in ``dtype``."""
-    want = fsdp_compute_dtype_name(dtype)
+    want = lookup(dtype).long  # quant_storage takes torch's long names ("bfloat16")
     if config.quant.bits != 4:
         from qlora_kit.config import ConfigError
 
@@ -171,10 +169,6 @@ class _StateDictOnly:
 
     def state_dict(self) -> dict:
         return self._state
-
-
-def _torch_optimizer(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
 
 
 def gathered_optimizer(step_fn: nn.Module, optimizer):
