@@ -17,12 +17,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from qlora_kit.config import load_train_config
+    from qlora_kit.demo.model import resolve_model_path
     from qlora_kit.training.recipe import train
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)  # only overrides, no YAML file
         args.config = None
-    config = load_train_config(args.config, args.overrides)
+    config = load_train_config(args.config, args.overrides, resolve_model=resolve_model_path)
     result = train(config, resume=args.resume, force=args.force, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun/accelerate launch only rank 0 reports
         return 0
@@ -37,12 +38,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from qlora_kit.config import load_train_config
+    from qlora_kit.demo.model import resolve_model_path
     from qlora_kit.training.validate import validate_run
 
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)  # only overrides, no YAML file
         args.config = None
-    report = validate_run(load_train_config(args.config, args.overrides), force=args.force)
+    config = load_train_config(args.config, args.overrides, resolve_model=resolve_model_path)
+    report = validate_run(config, force=args.force)
     print(report.summary())
     print("ok: config, model folder and data are valid (no weights were loaded)")
     return 0
@@ -51,8 +54,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from qlora_kit.model.adapters import load_adapter
     from qlora_kit.inference.generate import generate
+    from qlora_kit.demo.model import resolve_model_path
     from qlora_kit.model.load import load_model
-    from qlora_kit.training.recipe import resolve_model_path
 
     model, tokenizer = load_model(resolve_model_path(args.model), compute_dtype=args.compute_dtype)
     for i, adapter in enumerate(args.adapter or []):
@@ -224,7 +227,7 @@ def _is_user_error(e: Exception) -> bool:
     from qlora_kit.model.adapters import AdapterMismatchError
     from qlora_kit.atomic import WriteError
     from qlora_kit.data.core import DataError
-    from qlora_kit.training.recipe import TrainingError
+    from qlora_kit.training.run import TrainingError
 
     return isinstance(e, (ConfigError, DataError, AdapterMismatchError, TrainingError, WriteError, FileExistsError))
 

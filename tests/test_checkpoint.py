@@ -64,7 +64,7 @@ def reference(tiny_model_dir, tmp_path_factory) -> bytes:
 @pytest.fixture(scope="module")
 def interrupted(tiny_model_dir, tmp_path_factory) -> Path:
     """A 4-step run stopped by SIGINT after step 3: checkpoints step-000001..3, no final adapter."""
-    from qlora_kit import metrics
+    from qlora_kit.training import metrics
 
     folder = tmp_path_factory.mktemp("interrupted")
     original = metrics.MetricsLog.write
@@ -257,7 +257,7 @@ def test_resume_falls_back_past_a_bad_latest_checkpoint(interrupted, reference, 
 
 
 def test_resume_stops_with_one_line_when_no_checkpoint_verifies(interrupted, tiny_model_dir, tmp_path, monkeypatch):
-    import qlora_kit.training.recipe as train_mod
+    import qlora_kit.training.setup as train_mod
 
     root = _copy_run(interrupted, tmp_path)
     for ckpt in list_checkpoints(root):

@@ -183,29 +183,6 @@ def gathered_optimizer(step_fn: nn.Module, optimizer):
     return _StateDictOnly({"state": {}, "param_groups": [], "fsdp": "optimizer state not saved under FSDP"})
 
 
-def load_optimizer(step_fn: nn.Module, optimizer, state: dict) -> None:
-    """Load a checkpoint's optimizer state (DDP and single-process checkpoints)."""
-    optimizer.load_state_dict(state)
-
-
-@torch.no_grad()
-def evaluate_sharded(step_fn: nn.Module, examples: list, batch_size: int, pad_id: int, max_seq_len: int,
-                     device: torch.device) -> float:
-    """Mean loss per supervised token, through the FSDP-wrapped step (every rank runs every batch)."""
-    from qlora_kit.data.core import collate
-
-    was_training = step_fn.training
-    step_fn.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id, False, max_seq_len)
-        total += step_fn(**{k: v.to(device) for k, v in batch.items()}).item()
-        count += int((batch["labels"][:, 1:] != -100).sum())
-    step_fn.train(was_training)
-    return total / max(count, 1)
-
-
 _FSDP_PREFIX = "_fsdp_wrapped_module."
 
 

@@ -122,10 +122,9 @@ def validate_run(config: TrainConfig, tokenizer=None, force: bool = False) -> Va
         ConfigError or DataError naming the file, line or key, and the fix.
     """
     from qlora_kit.model.load import check_model_path
-    from qlora_kit.training.recipe import resolve_model_path
 
     config.validate()
-    model_path = resolve_model_path(config.model.path)
+    model_path = Path(config.model.path)
     hf_config = check_model_path(model_path, config.model.trust_remote_code)
     targets = check_targets(model_path, config)
     if tokenizer is None:
