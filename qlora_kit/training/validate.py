@@ -25,7 +25,7 @@ class ValidationReport:
     """What ``validate_run`` checked and found; ``train()`` reuses the tokenizer and the prepared data."""
 
     config: TrainConfig
-    model_path: Path  # the resolved checkpoint folder
+    model_path: Path  # the checkpoint folder (config.model.path; the CLI resolved "demo" when it loaded the config)
     model_type: str  # config.json's model_type
     targets: list[str] | None  # full names of the layers LoRA will wrap (None: architecture not buildable here)
     stats: DataStats  # counts and token lengths of the prepared data
