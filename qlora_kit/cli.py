@@ -17,7 +17,9 @@ def _load_config(args: argparse.Namespace) -> TrainConfig:
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)  # only overrides, no YAML file
         args.config = None
-    return load_train_config(args.config, args.overrides)
+    from qlora_kit.demo.model import resolve_model_path
+
+    return load_train_config(args.config, args.overrides, resolve_model=resolve_model_path)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -54,8 +56,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from qlora_kit.model.adapters import load_adapter
     from qlora_kit.inference.generate import generate
+    from qlora_kit.demo.model import resolve_model_path
     from qlora_kit.model.load import load_model
-    from qlora_kit.training.recipe import resolve_model_path
 
     model, tokenizer = load_model(resolve_model_path(args.model), compute_dtype=args.compute_dtype)
     for i, adapter in enumerate(args.adapter or []):
@@ -258,7 +260,7 @@ def _is_user_error(e: Exception) -> bool:
     from qlora_kit.model.adapters import AdapterMismatchError
     from qlora_kit.atomic import WriteError
     from qlora_kit.data import DataError
-    from qlora_kit.training.recipe import TrainingError
+    from qlora_kit.training.run import TrainingError
 
     return isinstance(e, (ConfigError, DataError, AdapterMismatchError, TrainingError, WriteError, FileExistsError))
 

@@ -375,14 +375,17 @@ class TrainConfig:
             raise ConfigError("data.train_file: required (a JSONL, JSON, CSV or Parquet file)")
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                      resolve_model: Callable[[str], Path] | None = None) -> TrainConfig:
     """Read a YAML config (optional), apply ``key=value`` overrides, and validate it.
 
+    ``resolve_model`` turns ``model.path`` into a folder (the CLI passes ``demo.model.resolve_model_path``: "demo"
+    becomes the cached demo model; this layer cannot import the demo); without it the path stays as written.
     Raises ConfigError naming the file, the line and the key (every unknown key at once) and the fix."""
     data = load_yaml(path) if path else {}
     try:
         apply_overrides(data, overrides or [])
-        return from_dict(TrainConfig, data)
+        config = from_dict(TrainConfig, data)
     except ConfigError as e:
         if not path:
             raise
@@ -393,3 +396,6 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
             raise ConfigError(f"{path}: {message}") from None
         line = key_line(Path(path), str(e), overridden)
         raise ConfigError(f"{path}{f' line {line}' if line else ''}: {e}") from None
+    if resolve_model is not None and config.model.path:
+        config.model.path = str(resolve_model(config.model.path))
+    return config
