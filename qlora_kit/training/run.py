@@ -114,4 +114,5 @@ class Run:
         return {"best_eval_loss": p.best_eval_loss, "best_step": p.best_step, "bad_evals": p.bad_evals,
                 "world_size": self.schedule.world, "micro_batches_per_step": self.schedule.micro_per_step,
                 "sharded": self.fsdp, "tokens": p.tokens, "supervised_tokens": p.supervised_tokens,
-                "seconds": p.seconds, "health": self.monitor.state(), "recovery": self.recovery.state()}
+                "seconds": p.seconds, "health": self.monitor.state(), "recovery": self.recovery.state(),
+                "cpu_threads": torch.get_num_threads()}

@@ -87,6 +87,8 @@ def setup(config: TrainConfig, checked: ValidationReport, folder: RunFolder, acc
     tc, device = config.training, accelerator.device
     if accelerator.is_main_process:  # before the model loads (model.offload writes .offload/ here)
         claim_run_folder(folder)
+    if device.type == "cpu":
+        hardware.choose_cpu_threads()  # a resumed run goes back to the count its checkpoint saved (resume_run)
     longest = max(len(e.input_ids) for e in checked.train_set)
     checkpointing = choose_gradient_checkpointing(config, checked.model_path, min(longest, config.data.max_seq_len),
                                                   device)
@@ -138,6 +140,8 @@ def resume_run(run: Run, ckpt: Path) -> None:
                             "optimizer state, so it cannot be resumed exactly; use its adapter_model.safetensors, "
                             "or train with ddp when you need resumable checkpoints")
     restore(run, ckpt)
+    if run.accelerator.device.type == "cpu" and saved.get("cpu_threads"):
+        torch.set_num_threads(saved["cpu_threads"])  # the same reductions as before the interruption
     p = run.progress
     for key in ("best_eval_loss", "best_step", "bad_evals"):
         if key in saved:
