@@ -73,6 +73,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    if args.gguf:  # merge straight into a GGUF file: the export command with --quant from --gguf
+        from .gguf_cli import run_export
+
+        args.quant, args.model = args.gguf, None
+        return run_export(args)
     from .merge import merge_and_export
     from .verify import VerificationError, format_summary
 
@@ -128,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compute-dtype", default="auto")
     gen.set_defaults(func=_cmd_generate)
 
+    from .gguf_map import QUANT_TYPES
+
     mg = sub.add_parser("merge", help="merge an adapter into its base and export a plain safetensors model")
     mg.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")
     mg.add_argument("--adapter", required=True, help="the adapter folder (PEFT format)")
@@ -142,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--eval-file", help="JSONL records: report eval loss of 4-bit + adapter and of both merges")
     mg.add_argument("--rank", type=int, help="merge only the first RANK components (dynamic-rank adapters)")
     mg.add_argument("--shard-size", default="2GB", help="largest output shard (default 2GB)")
+    mg.add_argument("--gguf", metavar="QUANT", type=str.lower, choices=QUANT_TYPES,
+                    help="write a GGUF file to --out (*.gguf) instead, e.g. --gguf q8_0 (see `qlora-kit export`)")
     mg.set_defaults(func=_cmd_merge)
 
     rs = sub.add_parser("adapter-resize", help="shrink an adapter's rank by truncated SVD of each update")
@@ -151,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     rs.set_defaults(func=_cmd_adapter_resize)
 
+    from .gguf_cli import add_parser as add_export_parser
     from .rank_sweep import add_parser as add_rank_sweep_parser
 
     add_rank_sweep_parser(sub)  # rank-sweep: evaluate a dynamic-rank adapter at several ranks, recommend one
+    add_export_parser(sub)  # export: GGUF for llama.cpp / Ollama, verified
 
     pl = sub.add_parser("plan", help="predict peak memory of a QLoRA fine-tune from a config.json, without loading it")
     pl.add_argument("--model", required=True, help="checkpoint folder, config.json, or a shipped name (e.g. llama-3.1-70b)")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from .config import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 
 class GgufError(ConfigError):
@@ -177,6 +179,7 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def encode(t: torch.Tensor, ggml_type, where: str) -> np.ndarray:
     """A fp32 tensor in the stored type, as numpy (F32/F16 typed; BF16/Q8_0 as packed bytes from gguf.quants)."""
+    import numpy as np
     from gguf import GGMLQuantizationType as T, quants
 
     a = t.contiguous().numpy()

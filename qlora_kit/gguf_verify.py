@@ -14,9 +14,10 @@ from .verify import (DEFAULT_PROMPTS, FP32_RTOL, MAX_NEW_TOKENS, VerificationErr
                      _plain_model, _reference_model, _run, compare_runs, eval_loss, read_eval_examples)
 
 # max |Δlogit| / max |logit| allowed for the file read back by transformers (dequantized to fp32), against the
-# 4-bit base + adapter, per stored type. Rounding the merged weights moves the logits; measured on the tests'
-# tiny Llama/Qwen2 models: f16 ~2e-4, bf16 ~2e-3, q8_0 ~3e-3. llama.cpp's k-quants are reported, not held.
-TOLERANCES = {"f32": FP32_RTOL, "f16": 2e-3, "bf16": 2e-2, "q8_0": 2e-2}
+# 4-bit base + adapter, per stored type: rounding the merged weights moves the logits. Measured on the tests'
+# tiny random Llama (small logits, the worst case): f32 4.8e-7, f16 3.6e-4, bf16 3.0e-3, q8_0 1.1e-2 on the
+# verification prompts and 2.5e-2 on random ids. A wrong tensor layout gives O(1). llama.cpp types: reported only.
+TOLERANCES = {"f32": FP32_RTOL, "f16": 2e-3, "bf16": 2e-2, "q8_0": 5e-2}
 # Below this share of the adapter's logit effect the report says plainly that the adapter is lost.
 LOST_BELOW = 0.5
 
