@@ -163,6 +163,10 @@ def weight_retention(path: Path, src: ExportSource, tensors: list[TensorOut]) ->
 def _prepare(out: Path, src_args: dict, quant: str, overwrite: bool, eval_file) -> tuple:
     """Every check before work: arguments, output path, inputs, architecture, tensor names, tokenizer."""
     q = check_quant(quant)
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise GgufError("GGUF export needs the gguf package: pip install 'qlora-kit[gguf]' (or pip install gguf)") from None
     if out.suffix != ".gguf":
         raise GgufError(f"--out {out}: name the file *.gguf")
     if out.exists() and not overwrite:
