@@ -234,12 +234,12 @@ def export_gguf(out: str | Path, base: str | Path | None = None, adapter: str | 
             report["verification"] = verify_gguf(tmp, src, tok, info, q, prompts, eval_file, eval_limit,
                                                  strict=verify, progress=progress)
         report["total_seconds"] = round(time.perf_counter() - start, 2)
-        os.replace(tmp, out)
+        atomic_write_bytes(out.with_suffix(".Modelfile"), modelfile_text(out.name, tok, info).encode("utf-8"))
+        atomic_write_json(out.with_suffix(".export_report.json"), report)
+        os.replace(tmp, out)  # last: the .gguf appears only when complete and verified
     finally:
         for p in (tmp, streamed):
             p.unlink(missing_ok=True)
-    atomic_write_bytes(out.with_suffix(".Modelfile"), modelfile_text(out.name, tok, info).encode("utf-8"))
-    atomic_write_json(out.with_suffix(".export_report.json"), report)
     return report
 
 

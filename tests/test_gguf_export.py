@@ -240,3 +240,24 @@ def test_llama_cpp_quantizes_and_runs_the_file(llama_export, tiny_model_dir, tmp
     assert _field(gguf.GGUFReader(tmp_path / "k.gguf"), "general.file_type") == 15  # llama.cpp's MOSTLY_Q4_K_M
     assert report["verification"]["tolerance"] is None and report["verification"]["llama_cpp"]["finite"]
     assert 0 < report["weights"]["weight_delta_retained"] < 1.5
+
+
+@pytest.mark.real_model
+def test_demo_model_adapter_to_q8_0_runs_in_llama_cpp(demo_model_dir, tmp_path):
+    """SmolLM2-135M + a small random adapter -> q8_0; llama.cpp tokenizes, answers and keeps the adapter's effect."""
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
+    _random_adapter(demo_model_dir, tmp_path / "ad", scale=2e-3, r=8, alpha=16)
+    tok = AutoTokenizer.from_pretrained(str(demo_model_dir))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
+                                     add_generation_prompt=True)
+    report = export_gguf(tmp_path / "demo.gguf", base=demo_model_dir, adapter=tmp_path / "ad", quant="q8_0",
+                         prompts=[prompt], progress=False)
+    v = report["verification"]
+    assert v["passed"] and not v["adapter_lost"]
+    cpp = v["llama_cpp"]
+    assert cpp["tokenizer_ids_identical"] == 1.0 and cpp["finite"]
+    assert cpp["logit_effect_retained"] > 0.8
+    assert "Paris" in v["transformers"]["generations"]["gguf"][0]
+    assert cpp["generation_token_agreement"] >= 0.75
