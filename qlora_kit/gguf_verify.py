@@ -101,8 +101,9 @@ def _llama_cpp_check(path: Path, tok, prompts, ids, ref, base, examples, max_new
         import llama_cpp  # noqa: F401
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed (pip install 'qlora-kit[gguf]')"}
-    lengths = [len(i) for i in ids] + [len(ex.input_ids) for ex in examples or []]
-    run = _llama_cpp_run(path, [i[0].tolist() for i in ids], max_new, examples, max(lengths) + max_new + 8)
+    prompt_ids = [i[0].tolist() for i in ids]
+    need = max(len(i) for i in prompt_ids + [ex.input_ids for ex in examples or []]) + max_new + 8
+    run = _llama_cpp_run(path, prompt_ids, max_new, examples, 256 * -(-need // 256))  # llama.cpp pads n_ctx to 256
     result = compare_runs(ref, run)
     result["tokenizer_ids_identical"] = sum(run["tokenize"](p) == tok(p).input_ids for p in prompts) / len(prompts)
     if base is not None:
