@@ -35,13 +35,16 @@ def _span(ex) -> tuple[list[int], list[int]]:
 @torch.no_grad()
 def _hf_exact_match(model, examples: list) -> float:
     """Share of examples whose greedy continuation reproduces the supervised tokens exactly."""
+    from .fused import dequantized_weights
+
     hits = 0
-    for ex in examples:
-        prompt, answer = _span(ex)
-        ids = torch.tensor([prompt])  # [1, T]
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(answer),
-                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
-        hits += out[0, len(prompt):].tolist() == answer
+    with dequantized_weights(model):  # a 4-bit reference dequantizes each weight once, not once per token
+        for ex in examples:
+            prompt, answer = _span(ex)
+            ids = torch.tensor([prompt])  # [1, T]
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(answer),
+                                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0)
+            hits += out[0, len(prompt):].tolist() == answer
     return hits / max(len(examples), 1)
 
 

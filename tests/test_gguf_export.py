@@ -167,7 +167,9 @@ def tiny_qwen2_dir(tmp_path_factory):
 
 def test_qwen2_from_merged_folder(tiny_qwen2_dir, tmp_path):
     out = tmp_path / "q.gguf"
-    report = export_gguf(out, model=tiny_qwen2_dir, quant="q8_0", prompts=PROMPTS, progress=False)
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": w}) + "\n" for w in ("fox", "dog")))
+    report = export_gguf(out, model=tiny_qwen2_dir, quant="q8_0", prompts=PROMPTS, eval_file=ev, progress=False)
     r = gguf.GGUFReader(out)
     names = {t.name for t in r.tensors}
     assert _field(r, "general.architecture") == "qwen2" and _field(r, "tokenizer.ggml.pre") == "qwen2"
@@ -178,6 +180,8 @@ def test_qwen2_from_merged_folder(tiny_qwen2_dir, tmp_path):
     v = report["verification"]
     assert v["passed"] and v["transformers"]["tokenizer_ids_identical"] == 1.0
     assert v["reference"]["model"].startswith("merged folder") and "weights" not in report
+    assert v["eval_records"] == 2 and 0 <= v["transformers"]["exact_match"] <= 1
+    assert v["transformers"]["eval_loss"] == pytest.approx(v["reference"]["eval_loss"], rel=0.05)
 
 
 def test_bad_input_fails_before_any_write(tiny_model_dir, tiny_qwen2_dir, tmp_path, monkeypatch):
@@ -232,6 +236,8 @@ def test_cli_merge_gguf_and_export_errors(tiny_model_dir, llama_export, tmp_path
 def test_llama_cpp_quantizes_and_runs_the_file(llama_export, tiny_model_dir, tmp_path):
     pytest.importorskip("llama_cpp")
     root, reports = llama_export
+    f16 = reports["f16"]["verification"]["llama_cpp"]  # llama.cpp itself: rope layout, metadata and tokenizer
+    assert f16["max_rel_logit_diff"] <= TOLERANCES["f16"] and f16["generation_token_agreement"] == 1.0
     v = reports["q8_0"]["verification"]["llama_cpp"]
     assert v["tokenizer_ids_identical"] == 1.0 and v["finite"]
     assert v["max_rel_logit_diff"] < 0.05  # llama.cpp also rounds activations to 8 bit for Q8_0 matmuls
