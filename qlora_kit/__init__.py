@@ -15,6 +15,7 @@ from qlora_kit.config import (
     TrainingConfig,
 )
 from qlora_kit.inference.generate import generate
+from qlora_kit.merging.gguf_export import export_gguf
 from qlora_kit.merging.pipeline import merge_and_export
 from qlora_kit.model.adapters import load_adapter, save_adapter
 from qlora_kit.model.load import load_model
@@ -43,6 +44,7 @@ __all__ = [
     "active_adapters",
     "adapters_disabled",
     "add_lora",
+    "export_gguf",
     "generate",
     "load_adapter",
     "load_model",

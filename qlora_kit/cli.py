@@ -78,6 +78,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    if args.gguf:  # merge straight into a GGUF file: the export command with --quant from --gguf
+        from qlora_kit.merging.gguf_cli import run_export
+
+        args.quant, args.model = args.gguf, None
+        return run_export(args)
     from qlora_kit.merging.pipeline import merge_and_export
     from qlora_kit.merging.report import format_summary
     from qlora_kit.merging.verify import VerificationError
@@ -147,6 +152,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
+    from qlora_kit.merging.gguf_map import QUANT_TYPES
+
     mg = sub.add_parser("merge", help="merge an adapter into its base and export a plain safetensors model")
     mg.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")
     mg.add_argument("--adapter", required=True, help="the adapter folder (PEFT format)")
@@ -162,6 +169,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     mg.add_argument("--eval-file", help="JSONL records: report eval loss of 4-bit + adapter and of both merges")
     mg.add_argument("--rank", type=int, help="merge only the first RANK components (dynamic-rank adapters)")
     mg.add_argument("--shard-size", default="2GB", help="largest output shard (default 2GB)")
+    mg.add_argument("--gguf", metavar="QUANT", type=str.lower, choices=QUANT_TYPES,
+                    help="write a GGUF file to --out (*.gguf) instead, e.g. --gguf q8_0 (see `qlora-kit export`)")
     mg.set_defaults(func=_cmd_merge)
 
 
@@ -204,8 +213,15 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     pl.set_defaults(func=_cmd_plan)
 
 
-SUBCOMMANDS = (_add_demo, _add_train, _add_validate, _add_generate, _add_merge, _add_adapter_resize, _add_rank_sweep,
-               _add_plan)  # each adds one subcommand's parser; the order is the order of --help
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """export: a GGUF file for llama.cpp / Ollama, verified (its parser lives with it)."""
+    from qlora_kit.merging.gguf_cli import add_parser
+
+    add_parser(sub)
+
+
+SUBCOMMANDS = (_add_demo, _add_train, _add_validate, _add_generate, _add_merge, _add_export, _add_adapter_resize,
+               _add_rank_sweep, _add_plan)  # each adds one subcommand's parser; the order is the order of --help
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,7 +41,7 @@ class VerificationError(RuntimeError):
 # Running one model
 
 @torch.no_grad()
-def _run(model, prompt_ids: list[torch.Tensor], pad_id: int, max_new_tokens: int, desc: str) -> dict:
+def run_prompts(model, prompt_ids: list[torch.Tensor], pad_id: int, max_new_tokens: int, desc: str) -> dict:
     """Logits ``[T, V]`` for each prompt and its greedy continuation (token ids)."""
     model.eval()
     logits, gens = [], []
@@ -54,7 +54,7 @@ def _run(model, prompt_ids: list[torch.Tensor], pad_id: int, max_new_tokens: int
     return {"logits": logits, "generations": gens}
 
 
-def _reference_model(plan: MergePlan):
+def reference_model(plan: MergePlan):
     """The 4-bit base + adapter exactly as training ran it, with fp32 compute."""
     from qlora_kit.model.adapters import load_adapter
     from qlora_kit.model.load import load_model
@@ -69,14 +69,14 @@ def _reference_model(plan: MergePlan):
     return model
 
 
-def _plain_model(folder: Path):
+def plain_model(folder: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, device_map={"": "cpu"},
                                                 use_safetensors=True)
 
 
-def _free(model) -> None:
+def free_model(model) -> None:
     del model
     gc.collect()
 
@@ -100,7 +100,7 @@ def compare_runs(ref: dict, merged: dict) -> dict:
             "generation_token_agreement": same_tokens / max(total_tokens, 1)}
 
 
-def _effect_retained(base: dict, ref: dict, merged: dict) -> float:
+def effect_retained(base: dict, ref: dict, merged: dict) -> float:
     """Projection of the merged model's logit shift on the adapter's: 1 = all of its effect, 0 = none."""
     num = den = 0.0
     for b, r, m in zip(base["logits"], ref["logits"], merged["logits"]):
@@ -142,9 +142,9 @@ def _other_merge_loss(plan: MergePlan, folder: Path, examples: list, progress: b
     scratch.mkdir()
     try:
         write_model(other_plan, scratch, 2**62, progress)
-        model = _plain_model(scratch)
+        model = plain_model(scratch)
         loss = eval_loss(model, examples)
-        _free(model)
+        free_model(model)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return other, loss
@@ -170,28 +170,28 @@ def verify_export(folder: Path, plan: MergePlan, prompts: list[str] | None = Non
     result: dict = {"prompts": prompts, "max_new_tokens": max_new_tokens,
                     "memory": "one model at a time: the 4-bit base + adapter, then the merged model in fp32"}
 
-    model = _reference_model(plan)
-    ref = _run(model, ids, pad, max_new_tokens, "4-bit + adapter")
+    model = reference_model(plan)
+    ref = run_prompts(model, ids, pad, max_new_tokens, "4-bit + adapter")
     base = None
     if plan.requantize is not None:
         from qlora_kit.model.lora import adapters_disabled
 
         with adapters_disabled(model):
-            base = _run(model, ids, pad, 1, "4-bit base")  # only its logits are used
+            base = run_prompts(model, ids, pad, 1, "4-bit base")  # only its logits are used
     losses = {"4bit_plus_adapter": eval_loss(model, records)} if records else {}
-    _free(model)
+    free_model(model)
 
-    model = _plain_model(folder)
-    merged = _run(model, ids, pad, max_new_tokens, "merged")
+    model = plain_model(folder)
+    merged = run_prompts(model, ids, pad, max_new_tokens, "merged")
     if records:
         losses[f"merged_{plan.merge_base}" + ("_requantized" if plan.requantize else "")] = eval_loss(model, records)
-    _free(model)
+    free_model(model)
 
     result.update(compare_runs(ref, merged))
     result["generations"] = {"adapter_4bit": [tokenizer.decode(g) for g in ref["generations"]],
                              "merged": [tokenizer.decode(g) for g in merged["generations"]]}
     if base is not None:
-        result["logit_effect_retained"] = _effect_retained(base, ref, merged)
+        result["logit_effect_retained"] = effect_retained(base, ref, merged)
     if records:
         other, loss = _other_merge_loss(plan, folder, records, progress)
         losses[f"merged_{other}"] = loss

@@ -1,0 +1,194 @@
+"""A Hugging Face causal LM in GGUF terms: architecture, metadata, tensor names, layouts and types.
+
+Names and keys come from the ``gguf`` package (the reader/writer maintained with llama.cpp): its per-architecture
+tensor name maps (``gguf.get_tensor_name_map``) and its ``GGUFWriter.add_*`` metadata setters. What is ours is the
+choice of which config field feeds which key, the tensor types per requested quantization, and llama's Q/K row
+order (see ``permute_qk``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+from qlora_kit.config import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+
+class GgufError(ConfigError):
+    """The model or the request cannot be exported to GGUF; nothing was written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GgufArch:
+    """How one Hugging Face ``model_type`` is written in GGUF."""
+
+    name: str  # GGUF architecture name (general.architecture), e.g. "llama"
+    permute_qk: bool  # llama.cpp's llama graph expects Q/K rows reordered for its rope (see permute_qk)
+
+
+# HF model_type -> GGUF architecture. Mistral is written as llama, as llama.cpp's converter does.
+ARCHITECTURES = {"llama": GgufArch("llama", True), "mistral": GgufArch("llama", True),
+                 "qwen2": GgufArch("qwen2", False)}
+# Types written here with gguf's numpy code (bit-exact with ggml's reference quantizer for Q8_0).
+NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0")
+# Types that need llama.cpp's quantizer (llama-cpp-python): name -> llama_ftype value.
+LLAMA_CPP_TYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13,
+                   "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+QUANT_TYPES = NUMPY_TYPES + tuple(LLAMA_CPP_TYPES)
+# Checkpoint tensors that GGUF does not store (recomputed by the runtime).
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def gguf_arch(config: dict, where: str) -> GgufArch:
+    """The GGUF architecture for a config.json; raises GgufError (before any work) for unsupported ones."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise GgufError(f"{where}: model_type {model_type!r} cannot be exported to GGUF yet "
+                        f"(supported: {', '.join(sorted(ARCHITECTURES))}); export safetensors with `qlora-kit merge` "
+                        "and convert with llama.cpp's convert_hf_to_gguf.py")
+    scaling = config.get("rope_scaling") or {}
+    params = config.get("rope_parameters") or {}
+    rope_type = scaling.get("rope_type") or scaling.get("type") or params.get("rope_type") or "default"
+    if rope_type not in ("default", "linear"):
+        raise GgufError(f"{where}: rope scaling {rope_type!r} is not supported by this exporter yet (only none or "
+                        "linear); convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
+    return ARCHITECTURES[model_type]
+
+
+def check_quant(quant: str) -> str:
+    """The normalized quantization name; raises GgufError naming the choices."""
+    q = quant.lower()
+    if q not in QUANT_TYPES:
+        raise GgufError(f"--quant {quant!r}: use one of {', '.join(QUANT_TYPES)}")
+    return q
+
+
+def _cfg(config: dict, *names, default=None):
+    for n in names:
+        if config.get(n) is not None:
+            return config[n]
+    return default
+
+
+def head_dim(config: dict) -> int:
+    """Per-head dimension: config.head_dim, else hidden_size / num_attention_heads."""
+    return int(_cfg(config, "head_dim", default=config["hidden_size"] // config["num_attention_heads"]))
+
+
+def add_arch_metadata(writer, config: dict, n_vocab: int) -> None:
+    """The architecture keys a runtime needs: sizes, heads, rope, norm epsilon, vocabulary size."""
+    import gguf
+
+    heads, kv_heads = int(config["num_attention_heads"]), int(_cfg(config, "num_key_value_heads",
+                                                                     default=config["num_attention_heads"]))
+    writer.add_context_length(int(_cfg(config, "max_position_embeddings", default=2048)))
+    writer.add_embedding_length(int(config["hidden_size"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(float(_cfg(config, "rms_norm_eps", default=1e-6)))
+    params = config.get("rope_parameters") or {}
+    writer.add_rope_freq_base(float(_cfg(config, "rope_theta", default=params.get("rope_theta", 10000.0))))
+    writer.add_rope_dimension_count(head_dim(config))
+    if head_dim(config) != config["hidden_size"] // heads:
+        writer.add_key_length(head_dim(config))
+        writer.add_value_length(head_dim(config))
+    scaling = config.get("rope_scaling") or params
+    if (scaling.get("rope_type") or scaling.get("type")) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    writer.add_vocab_size(n_vocab)
+
+
+@dataclasses.dataclass
+class TensorOut:
+    """One GGUF tensor: where it comes from in the checkpoint and how it is stored."""
+
+    name: str  # GGUF name, e.g. "blk.0.attn_q.weight"
+    key: str  # checkpoint key, e.g. "model.layers.0.self_attn.q_proj.weight"
+    shape: tuple[int, ...]  # PyTorch order ([out, in] for a linear)
+    ggml_type: object  # gguf.GGMLQuantizationType
+    permute_heads: int = 0  # > 0: reorder rows for llama's rope with this many heads
+
+    @property
+    def nbytes(self) -> int:
+        from gguf import GGML_QUANT_SIZES
+
+        block, size = GGML_QUANT_SIZES[self.ggml_type]
+        return math.prod(self.shape) // block * size
+
+
+def tensor_type(shape: tuple[int, ...], quant: str):
+    """The stored type: F32 for vectors; else the requested numpy type (Q8_0 needs rows divisible by 32, else F16).
+
+    For llama.cpp types the streamed file is F16 and llama.cpp re-quantizes it afterwards."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+    if len(shape) < 2 or quant == "f32":
+        return T.F32
+    chosen = {"f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0}.get(quant, T.F16)
+    return chosen if shape[-1] % GGML_QUANT_SIZES[chosen][0] == 0 else T.F16
+
+
+def map_tensors(keys_shapes: list[tuple[str, tuple[int, ...]]], config: dict, arch: GgufArch, quant: str,
+                where: str) -> list[TensorOut]:
+    """GGUF name, type and layout for every checkpoint tensor, in order. Raises GgufError for a tensor with no
+    GGUF name in this architecture (before anything is written)."""
+    import gguf
+
+    model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.name)
+    names = gguf.get_tensor_name_map(model_arch, int(config["num_hidden_layers"]))
+    allowed = set(gguf.MODEL_TENSORS[model_arch])
+    heads = int(config["num_attention_heads"])
+    kv_heads = int(_cfg(config, "num_key_value_heads", default=heads))
+    out, unknown = [], []
+    for key, shape in keys_shapes:
+        if key.endswith(_SKIPPED_SUFFIXES):
+            continue
+        found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
+        if found is None or found[0] not in allowed:
+            unknown.append(key)
+            continue
+        kind, name = found
+        permute = 0
+        if arch.permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
+            permute = heads if kind == gguf.MODEL_TENSOR.ATTN_Q else kv_heads
+        out.append(TensorOut(name, key, tuple(shape), tensor_type(tuple(shape), quant), permute))
+    if unknown:
+        raise GgufError(f"{where}: {len(unknown)} tensor(s) have no GGUF name for architecture {arch.name!r}: "
+                        f"{', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''} (a modified architecture? "
+                        "export safetensors with `qlora-kit merge` instead)")
+    return out
+
+
+def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder Q/K rows from Hugging Face's rope layout (halves) to llama.cpp's (interleaved pairs).
+
+    HF rotates dimension i with i + d/2 within each head; llama.cpp's llama graph rotates 2i with 2i+1. Rows of
+    each head go from [first half | second half] to [h0, s0, h1, s1, ...]. Works on weights ``[out, in]`` and
+    biases ``[out]``; transformers' GGUF loader applies the inverse.
+    """
+    rest = w.shape[1:]
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def encode(t: torch.Tensor, ggml_type, where: str) -> np.ndarray:
+    """A fp32 tensor in the stored type, as numpy (F32/F16 typed; BF16/Q8_0 as packed bytes from gguf.quants)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as T, quants
+
+    a = t.contiguous().numpy()
+    if ggml_type == T.F32:
+        return a
+    if ggml_type == T.F16:
+        h = a.astype(np.float16)
+        if not np.isfinite(h).all():
+            raise GgufError(f"{where}: values beyond float16's range (max |w| = {np.abs(a).max():.3g}); "
+                            "export with --quant bf16 or f32")
+        return h
+    return quants.quantize(a, ggml_type)
