@@ -48,30 +48,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from qlora_kit.model.adapters import load_adapter
-    from qlora_kit.inference.generate import generate
-    from qlora_kit.model.load import load_model
-    from qlora_kit.training.recipe import resolve_model_path
-
-    model, tokenizer = load_model(resolve_model_path(args.model), compute_dtype=args.compute_dtype)
-    for i, adapter in enumerate(args.adapter or []):
-        load_adapter(model, adapter, name=f"adapter{i}" if i else "default")
-    if args.prompt:
-        for answer in generate(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature):
-            print(answer)
-        return 0
-    print("chat mode: type a prompt, an empty line or Ctrl-D quits")
-    while True:
-        try:
-            prompt = input("> ").strip()
-        except EOFError:
-            return 0
-        if not prompt:
-            return 0
-        print(generate(model, tokenizer, [prompt], args.max_new_tokens, temperature=args.temperature)[0])
-
-
 def _cmd_merge(args: argparse.Namespace) -> int:
     from qlora_kit.merging.merge import merge_and_export
     from qlora_kit.merging.verify import VerificationError, format_summary
@@ -123,14 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--force", action="store_true", help="do not refuse a run the memory plan says cannot fit")
     va.set_defaults(func=_cmd_validate)
 
-    gen = sub.add_parser("generate", help="generate with the 4-bit model and zero or more adapters")
-    gen.add_argument("prompt", nargs="*", help="prompts; none starts an interactive chat")
-    gen.add_argument("--model", default="demo", help="model folder, or 'demo' (default)")
-    gen.add_argument("--adapter", action="append", help="adapter folder (repeat to stack several)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--compute-dtype", default="auto")
-    gen.set_defaults(func=_cmd_generate)
+    from qlora_kit.inference.commands import add_parsers as add_inference_parsers
+
+    add_inference_parsers(sub)  # generate and eval
 
     mg = sub.add_parser("merge", help="merge an adapter into its base and export a plain safetensors model")
     mg.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")

@@ -81,7 +81,7 @@ def sweep(model, tokenizer, examples, ranks: list[int], records: list[dict] | No
     ``examples``: tokenized validation examples (``data.Example``); ``records``: alpaca records with an
     ``output`` for exact match, or None to skip it. Returns a SweepResult with the recommendation.
     """
-    from qlora_kit.demo.task import evaluate_exact_match
+    from qlora_kit.inference.evaluate import evaluate
     from qlora_kit.model.lora import lora_layers, set_rank
     from qlora_kit.training.recipe import evaluate_loss
 
@@ -96,7 +96,7 @@ def sweep(model, tokenizer, examples, ranks: list[int], records: list[dict] | No
             t0 = time.perf_counter()
             set_rank(model, k, name)
             loss = evaluate_loss(model, examples, batch_size, tokenizer.pad_token_id, max_seq_len)
-            em = evaluate_exact_match(model, tokenizer, records)[0] if records else None
+            em = evaluate(model, tokenizer, records, max_new_tokens=32, loss=False).score if records else None
             row = SweepRow(k, loss, em, round(time.perf_counter() - t0, 1))
             result.rows.append(row)
             if progress:
