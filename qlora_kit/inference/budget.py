@@ -36,7 +36,8 @@ def sequence_bytes(
 
     KV cache: k and v of every layer at the final length. Prefill: one layer's transients per prompt token
     (residual, norms in fp32, q/k/v, MLP gate/up/product), plus the score matrix under eager attention.
-    Head: ``logits_rows`` rows of logits in the compute dtype, their fp32 copy and the processed scores.
+    Head: ``logits_rows`` rows of logits in the compute dtype plus three fp32 rows (transformers' copy, the
+    processed scores, the argmax/softmax input): 262k vocabulary, batch 8, bf16: 29 MB planned, 29 MB measured.
     """
     cb, q, kv = dtype_bytes, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     cache = 2 * arch.layers * kv * (prompt_len + new_tokens) * cb
@@ -44,7 +45,7 @@ def sequence_bytes(
     prefill = prompt_len * (4 * 4 * arch.hidden + cb * (q + 2 * kv + 3 * arch.intermediate))
     if eager_attention:
         prefill += arch.heads * prompt_len * prompt_len * (4 + cb)
-    head = logits_rows * arch.vocab * (cb + 4 + 4)
+    head = logits_rows * arch.vocab * (cb + 3 * 4)
     return cache + prefill + head
 
 
