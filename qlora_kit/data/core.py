@@ -8,7 +8,7 @@ Formats (one per file, detected from the first record unless ``DataConfig.format
 - ``text``: ``text``, every token trained.
 
 alpaca and prompt/completion records become a user message and an assistant reply rendered with the
-tokenizer's chat template (as ``generate.render_prompt`` renders prompts), or plain text when the tokenizer
+tokenizer's chat template (as ``inference.prompts.render_prompt`` renders prompts), or plain text when the tokenizer
 has no template. Tokenized files are cached as safetensors keyed by file bytes, tokenizer and settings.
 """
 from __future__ import annotations
