@@ -18,6 +18,7 @@ from qlora_kit.inference.generate import generate
 from qlora_kit.merging.gguf_export import export_gguf
 from qlora_kit.merging.pipeline import merge_and_export
 from qlora_kit.model.adapters import load_adapter, save_adapter
+from qlora_kit.inference.evaluate import EvalResult, evaluate
 from qlora_kit.model.load import load_model
 from qlora_kit.model.lora import (
     active_adapters,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "EvalResult",
     "DataConfig",
     "LoraConfig",
     "ModelConfig",
@@ -44,6 +46,7 @@ __all__ = [
     "active_adapters",
     "adapters_disabled",
     "add_lora",
+    "evaluate",
     "export_gguf",
     "generate",
     "load_adapter",

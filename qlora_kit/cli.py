@@ -53,30 +53,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from qlora_kit.model.adapters import load_adapter
-    from qlora_kit.inference.generate import generate
-    from qlora_kit.demo.model import resolve_model_path
-    from qlora_kit.model.load import load_model
-
-    model, tokenizer = load_model(resolve_model_path(args.model), compute_dtype=args.compute_dtype)
-    for i, adapter in enumerate(args.adapter or []):
-        load_adapter(model, adapter, name=f"adapter{i}" if i else "default")
-    if args.prompt:
-        for answer in generate(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature):
-            print(answer)
-        return 0
-    print("chat mode: type a prompt, an empty line or Ctrl-D quits")
-    while True:
-        try:
-            prompt = input("> ").strip()
-        except EOFError:
-            return 0
-        if not prompt:
-            return 0
-        print(generate(model, tokenizer, [prompt], args.max_new_tokens, temperature=args.temperature)[0])
-
-
 def _cmd_merge(args: argparse.Namespace) -> int:
     if args.gguf:  # merge straight into a GGUF file: the export command with --quant from --gguf
         from qlora_kit.merging.gguf_cli import run_export
@@ -140,15 +116,12 @@ def _add_validate(sub: argparse._SubParsersAction) -> None:
     va.set_defaults(func=_cmd_validate)
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    gen = sub.add_parser("generate", help="generate with the 4-bit model and zero or more adapters")
-    gen.add_argument("prompt", nargs="*", help="prompts; none starts an interactive chat")
-    gen.add_argument("--model", default="demo", help="model folder, or 'demo' (default)")
-    gen.add_argument("--adapter", action="append", help="adapter folder (repeat to stack several)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--compute-dtype", type=_compute_dtype, default="auto", metavar="{auto," + ",".join(NAMES) + "}")
-    gen.set_defaults(func=_cmd_generate)
+
+def _add_inference(sub: argparse._SubParsersAction) -> None:
+    """generate and eval: their parsers and handlers live in inference/commands.py."""
+    from qlora_kit.inference.commands import add_parsers
+
+    add_parsers(sub)
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
@@ -220,7 +193,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
-SUBCOMMANDS = (_add_demo, _add_train, _add_validate, _add_generate, _add_merge, _add_export, _add_adapter_resize,
+SUBCOMMANDS = (_add_demo, _add_train, _add_validate, _add_inference, _add_merge, _add_export, _add_adapter_resize,
                _add_rank_sweep, _add_plan)  # each adds one subcommand's parser; the order is the order of --help
 
 
@@ -259,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if getattr(args, "model", None) == "demo":  # --model demo (generate, eval, rank-sweep, export, plan)
+            from qlora_kit.demo.model import resolve_model_path
+
+            args.model = str(resolve_model_path("demo"))
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and exits cleanly)
         print("error: interrupted again: stopped at once without saving this step; the last checkpoint is kept "

@@ -34,7 +34,8 @@ from qlora_kit.data.prepare import prepare_data  # noqa: E402
 from qlora_kit.data.sources import load_records  # noqa: E402
 from qlora_kit.demo.model import demo_model_path  # noqa: E402
 from qlora_kit.demo.run import demo_config  # noqa: E402
-from qlora_kit.demo.task import evaluate_exact_match, write_demo_dataset  # noqa: E402
+from qlora_kit.demo.task import write_demo_dataset  # noqa: E402
+from qlora_kit.inference.evaluate import evaluate  # noqa: E402
 from qlora_kit.model.lora import set_rank  # noqa: E402
 from qlora_kit.model.load import load_model  # noqa: E402
 from qlora_kit.training.evaluate import evaluate_loss  # noqa: E402
@@ -138,7 +139,7 @@ def main() -> int:
         for k in (sorted(em_ranks) if dynamic else [r] if r in em_ranks else []):
             set_rank(model, k)
             e0 = time.perf_counter()
-            row["exact_match"][k], _ = evaluate_exact_match(model, tokenizer, em_records)
+            row["exact_match"][k] = evaluate(model, tokenizer, em_records, max_new_tokens=32, loss=False).score
             row["em_seconds"][k] = round(time.perf_counter() - e0, 1)
             print(f"{name} rank {k}: exact match {row['exact_match'][k]:.0%} ({row['em_seconds'][k]:.0f} s)",
                   flush=True)

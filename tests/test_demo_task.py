@@ -6,14 +6,8 @@ import re
 
 import pytest
 
-from qlora_kit.demo.task import (
-    evaluate_exact_match,
-    exact_match,
-    make_demo_dataset,
-    normalize_answer,
-    user_content,
-    write_demo_dataset,
-)
+from qlora_kit.demo.task import make_demo_dataset, user_content, write_demo_dataset
+from qlora_kit.inference.evaluate import exact_match, normalize_answer
 
 ANSWER = re.compile(r"^[^,\s][^,]*,[^,\s][^,]*,\d{4}-\d{2}-\d{2},[^,\s][^,]*$")
 
@@ -135,19 +129,29 @@ def test_write_demo_dataset_round_trips(tmp_path, dataset):
     assert train_path.read_bytes() == first
 
 
-def test_evaluate_exact_match_renders_prompts_and_scores(monkeypatch, dataset):
-    import qlora_kit.inference.generate as gen
+def test_evaluate_renders_demo_prompts_as_before_and_scores(monkeypatch, dataset):
+    """The demo's evaluation (``inference.evaluate``) prompts with ``user_content`` through the chat template,
+    no system prompt, no added special tokens, exactly as the demo's own loop did; exact match as before."""
+    import qlora_kit.inference.evaluate as ev
+    from qlora_kit.inference.generate import Generation
+    from qlora_kit.testing.tiny import build_tokenizer
 
+    tokenizer = build_tokenizer()
     records = dataset[1][:3]
     seen = {}
+    answers = [records[0]["output"], "wrong", records[2]["output"] + "."]
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=32, chat=True, **kw):
-        seen.update(prompts=prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat)
-        return [records[0]["output"], "wrong", records[2]["output"] + "."]
+    def fake_generate_tokens(model, tok, prompts, max_new_tokens=64, batch_size=None, **kw):
+        seen.update(prompts=prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return Generation([tok(a, add_special_tokens=False)["input_ids"] for a in answers], 1.0, 7)
 
-    monkeypatch.setattr(gen, "generate", fake_generate)
-    acc, preds = evaluate_exact_match(object(), object(), records, max_new_tokens=20, batch_size=7)
-    assert acc == pytest.approx(2 / 3)
-    assert preds[1] == "wrong"
-    assert seen == {"prompts": [r["instruction"] + "\n\n" + r["input"] for r in records],
-                    "max_new_tokens": 20, "batch_size": 7, "chat": True}
+    monkeypatch.setattr(ev, "generate_tokens", fake_generate_tokens)
+    result = ev.evaluate(object(), tokenizer, records, max_new_tokens=20, batch_size=7, loss=False)
+    assert result.score == pytest.approx(2 / 3)
+    assert [e.prediction for e in result.examples] == [answers[0], "wrong", answers[2]]
+    assert [e.correct for e in result.examples] == [True, False, True]
+    want = [tokenizer.apply_chat_template([{"role": "user", "content": r["instruction"] + "\n\n" + r["input"]}],
+                                          tokenize=False, add_generation_prompt=True) for r in records]
+    assert [p.text for p in seen["prompts"]] == want
+    assert not any(p.special_tokens for p in seen["prompts"])
+    assert (seen["max_new_tokens"], seen["batch_size"]) == (20, 7)

@@ -10,7 +10,8 @@ from qlora_kit.atomic import atomic_write_json
 from qlora_kit.config import DataConfig, LoraConfig, ModelConfig, TrainConfig, TrainingConfig
 from qlora_kit.data.sources import load_records
 from qlora_kit.demo.model import demo_model_path
-from qlora_kit.demo.task import evaluate_exact_match, user_content, write_demo_dataset
+from qlora_kit.demo.task import user_content, write_demo_dataset
+from qlora_kit.inference.evaluate import evaluate
 from qlora_kit.model.lora import parameter_report
 from qlora_kit.model.load import footprint, load_model
 from qlora_kit.training.recipe import train
@@ -57,17 +58,17 @@ def run_demo(args: argparse.Namespace) -> int:
     fp = _print_footprint(model, time.perf_counter() - start)
 
     print(f"\nheld-out exact match of the base model on {len(eval_records)} examples...")
-    t0 = time.perf_counter()
-    before, before_preds = evaluate_exact_match(model, tokenizer, eval_records)
-    eval_s = time.perf_counter() - t0
-    print(f"base model: {before:.0%} exact match ({eval_s:.0f} s)")
+    base = evaluate(model, tokenizer, eval_records, max_new_tokens=32, loss=False)
+    before, before_preds = base.score, [ex.prediction for ex in base.examples]
+    print(f"base model: {before:.0%} exact match ({base.generate_seconds:.0f} s, {base.tokens_per_s:.0f} tokens/s)")
 
     config = demo_config(path, train_file, eval_file, out / "run", args.epochs)
     print(f"\nfine-tuning: LoRA r={config.lora.r} alpha={config.lora.alpha:g} on all linear layers, "
           f"{config.training.epochs:g} epoch, batch {config.training.batch_size}, lr {config.training.lr:g}")
     result = train(config, model=model, tokenizer=tokenizer)
     print("\n" + str(parameter_report(model)))
-    after, after_preds = evaluate_exact_match(model, tokenizer, eval_records)
+    tuned = evaluate(model, tokenizer, eval_records, max_new_tokens=32, loss=False)
+    after, after_preds = tuned.score, [ex.prediction for ex in tuned.examples]
     print(f"\nheld-out exact match: {before:.0%} before -> {after:.0%} after fine-tuning")
     _side_by_side(eval_records, before_preds, after_preds)
     report = {"exact_match_before": before, "exact_match_after": after, "train_seconds": round(result.seconds, 1),

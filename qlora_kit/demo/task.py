@@ -20,7 +20,6 @@ from __future__ import annotations
 import calendar
 import json
 import random
-import re
 from pathlib import Path
 
 from qlora_kit.atomic import atomic_write_bytes
@@ -86,7 +85,6 @@ def _format_date(style: int, year: int, month: int, day: int) -> str:
 
 
 N_DATE_STYLES = 5
-_TRAILING = re.compile(r"[.\s]+\Z")
 
 
 def _record(rng: random.Random, first: str, last: str) -> dict:
@@ -168,38 +166,3 @@ def user_content(record: dict) -> str:
     and the input when there is one. It goes through the chat template with no system prompt."""
     instruction, extra = record["instruction"], record.get("input") or ""
     return f"{instruction}\n\n{extra}" if extra else instruction
-
-
-def normalize_answer(text: str) -> str:
-    """What exact match compares: the text without surrounding whitespace and trailing periods.
-
-    Deliberately strict otherwise: case, inner spacing, quoting, code fences and extra lines all count.
-    Idempotent: ``normalize_answer(normalize_answer(t)) == normalize_answer(t)``.
-    """
-    return _TRAILING.sub("", text).strip()
-
-
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Fraction of predictions equal to their reference after ``normalize_answer`` (0.0 for no examples)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        return 0.0
-    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
-    return hits / len(references)
-
-
-def evaluate_exact_match(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
-                         batch_size: int = 50, progress: bool = False) -> tuple[float, list[str]]:
-    """Greedy-generate an answer for each alpaca record and score exact match against its ``output``.
-
-    Prompts are rendered as in training (``user_content`` through the chat template, no system prompt) and
-    generated in left-padded batches: on CPU every new token dequantizes every 4-bit weight, so batching
-    is what keeps this fast. Returns ``(accuracy, predictions)``.
-    """
-    from qlora_kit.inference.generate import generate
-
-    prompts = [user_content(r) for r in records]
-    predictions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           chat=True, progress=progress)
-    return exact_match(predictions, [r["output"] for r in records]), predictions

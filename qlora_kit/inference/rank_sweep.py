@@ -81,7 +81,7 @@ def sweep(model, tokenizer, examples, ranks: list[int], records: list[dict] | No
     ``examples``: tokenized validation examples (``data.Example``); ``records``: alpaca records with an
     ``output`` for exact match, or None to skip it. Returns a SweepResult with the recommendation.
     """
-    from qlora_kit.demo.task import evaluate_exact_match
+    from qlora_kit.inference.evaluate import evaluate
     from qlora_kit.model.lora import lora_layers, set_rank
     from qlora_kit.training.evaluate import evaluate_loss
 
@@ -96,7 +96,7 @@ def sweep(model, tokenizer, examples, ranks: list[int], records: list[dict] | No
             t0 = time.perf_counter()
             set_rank(model, k, name)
             loss = evaluate_loss(model, examples, batch_size, tokenizer.pad_token_id, max_seq_len)
-            em = evaluate_exact_match(model, tokenizer, records)[0] if records else None
+            em = evaluate(model, tokenizer, records, max_new_tokens=32, loss=False).score if records else None
             row = SweepRow(k, loss, em, round(time.perf_counter() - t0, 1))
             result.rows.append(row)
             if progress:
@@ -186,7 +186,6 @@ def run_rank_sweep(args: argparse.Namespace) -> int:
     from qlora_kit.data.prepare import prepare_data
     from qlora_kit.data.sources import load_records
     from qlora_kit.model.load import load_model
-    from qlora_kit.demo.model import resolve_model_path  # the CLI layer's alias "demo"
 
     adapter_dir = Path(args.adapter)
     info = read_adapter(adapter_dir)  # errors for a missing or malformed adapter before any weight is loaded
@@ -205,8 +204,7 @@ def run_rank_sweep(args: argparse.Namespace) -> int:
         if not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in records):
             raise ConfigError(f"{args.data}: --task-metric exact_match needs alpaca records with instruction and output")
         records = records[: args.task_examples] if args.task_examples else records
-    model, tokenizer = load_model(resolve_model_path(base),
-                                  compute_dtype=args.compute_dtype)
+    model, tokenizer = load_model(base, compute_dtype=args.compute_dtype)  # "demo" was resolved by the CLI
     load_adapter(model, adapter_dir)
     data_cfg = DataConfig(train_file=str(args.data), format=args.format, max_seq_len=args.max_seq_len)
     examples, _, _ = prepare_data(data_cfg, tokenizer)

@@ -61,3 +61,26 @@ def make_tiny_model(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = tor
     tokenizer.save_pretrained(out_dir)
     (out_dir / "qlora_kit_tiny.json").write_text(json.dumps({"seed": seed}))
     return out_dir
+
+
+def make_tiny_gemma3(out_dir: str | Path, vocab_size: int = 262_144, hidden_size: int = 64, seed: int = 0,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random 2-layer Gemma-3-shaped model with a large vocabulary (Gemma 3's 262k by default), tied
+    embeddings, one sliding and one full attention layer, and the tiny BPE tokenizer; return the folder.
+
+    Ids beyond the tokenizer's vocabulary exist only in the model: compare generated token ids, not text.
+    """
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=hidden_size // 4, max_position_embeddings=512,
+        sliding_window=64, layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    Gemma3ForCausalLM(config).to(dtype).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
