@@ -117,12 +117,14 @@ def prompt_contract(tokenizer: Any, cfg: DataConfig) -> PromptContract:
 
 
 def apply_contract(tokenizer: Any, folder: str | Path) -> PromptContract | None:
-    """Give ``tokenizer`` the contract saved in ``folder`` (an adapter or merged model); return it, or None
-    when the folder has none (an adapter saved by PEFT or an older qlora-kit: the tokenizer is left as is)."""
+    """Give ``tokenizer`` the chat template of the contract saved in ``folder`` (an adapter or merged model);
+    return the contract, or None when the folder has none (an adapter saved by PEFT or an older qlora-kit:
+    the tokenizer is left as is). Data prepared with the tokenizer afterwards keeps this template (it is
+    then the tokenizer's own)."""
     contract = load_contract(folder)
     if contract is not None:
         tokenizer.chat_template = contract.chat_template
-        tokenizer.qlora_prompt_contract = contract
+        tokenizer.qlora_prompt_contract = None
     return contract
 
 
@@ -151,9 +153,20 @@ def save_contract(tokenizer: Any, folder: str | Path, base: str | Path | None = 
     """Write the tokenizer's contract into ``folder``: chat_template.jinja and prompt_contract.json, and the
     full tokenizer only when its vocabulary differs from ``base``'s (tokens added in training) or ``base``
     is unknown. The tokenizer must have a contract (``prompt_contract``)."""
-    folder = Path(folder)
-    contract = tokenizer.qlora_prompt_contract
     if base is None or _base_vocab(str(base)) != len(tokenizer):
         tokenizer.save_pretrained(str(folder))
+    write_contract(tokenizer.qlora_prompt_contract, folder)
+
+
+def write_contract(contract: PromptContract, folder: str | Path) -> None:
+    """Write ``contract`` as chat_template.jinja and prompt_contract.json into ``folder``; a tokenizer there
+    (tokenizer_config.json's inline ``chat_template``, chat_template.json) is left no other template."""
+    folder = Path(folder)
     (folder / TEMPLATE_FILE).write_text(contract.chat_template, encoding="utf-8")
     (folder / CONTRACT_FILE).write_text(json.dumps(contract.as_json(), indent=2) + "\n")
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    config = folder / "tokenizer_config.json"
+    if config.is_file():
+        settings = json.loads(config.read_text(encoding="utf-8"))
+        if settings.pop("chat_template", None) is not None:
+            config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

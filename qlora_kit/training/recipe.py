@@ -26,6 +26,7 @@ from qlora_kit.model.adapters import assign_adapter, save_adapter
 from qlora_kit.training.checkpoint import load_optimizer_state, load_trainer_state, read_checkpoint_adapter, save_checkpoint
 from qlora_kit.config import ConfigError, TrainConfig, to_dict
 from qlora_kit.data.batching import collate, make_batches
+from qlora_kit.data.contract import save_contract
 from qlora_kit.data.tokenize import Example
 from qlora_kit.training.health import HealthMonitor, largest_weight
 from qlora_kit.training.loss import causal_lm_loss
@@ -373,7 +374,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
                     state.update(best_eval_loss=eval_loss, best_step=done, bad_evals=0)
                     with full_adapter_params(step_fn):
                         if main:
-                            replace_keeping_foreign(out / "best_adapter", lambda d: save_adapter(named, d))
+                            replace_keeping_foreign(out / "best_adapter", lambda d: (
+                                save_adapter(named, d), save_contract(tokenizer, d, model_path)))
                 else:
                     state["bad_evals"] += 1
                 metrics.write({"step": done, "eval_loss": round(eval_loss, 6)})
@@ -402,7 +404,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         with full_adapter_params(step_fn):
             if main:
                 replace_keeping_foreign(out / "adapter", lambda d: (save_adapter(named, d),
-                                                                    tokenizer.save_pretrained(str(d))))
+                                                                    save_contract(tokenizer, d, model_path)))
         accelerator.wait_for_everyone()
         adapter_dir = out / "adapter"
     result = TrainResult(out, adapter_dir, status, done, tokens, supervised, seconds, _peak_memory_mb(),
