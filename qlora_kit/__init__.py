@@ -1,15 +1,57 @@
-"""qlora-kit: quantized, low-memory LoRA fine-tuning of LLMs on one GPU or a CPU."""
-from qlora_kit.model.adapters import load_adapter, save_adapter
-from qlora_kit.config import ConfigError, LoraConfig, QuantConfig
-from qlora_kit.model.lora import (active_adapters, adapters_disabled, add_lora, parameter_report, set_active_adapters,
-                   set_rank)
+"""qlora-kit: quantized, low-memory LoRA fine-tuning of LLMs on one GPU or a CPU.
+
+The whole workflow in one namespace: configs, ``load_model`` + ``add_lora``, ``train``, ``generate``,
+adapters on disk, ``merge_and_export`` and ``plan_memory``.
+"""
+
+from qlora_kit.api import load_train_config, train
+from qlora_kit.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    QuantConfig,
+    TrainConfig,
+    TrainingConfig,
+)
+from qlora_kit.inference.generate import generate
 from qlora_kit.merging.pipeline import merge_and_export
-from qlora_kit.planning.memory import plan_memory
+from qlora_kit.model.adapters import load_adapter, save_adapter
 from qlora_kit.model.load import load_model
+from qlora_kit.model.lora import (
+    active_adapters,
+    adapters_disabled,
+    add_lora,
+    parameter_report,
+    set_active_adapters,
+    set_rank,
+)
+from qlora_kit.planning.memory import plan_memory
+from qlora_kit.training.run import TrainResult
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfigError", "LoraConfig", "QuantConfig", "active_adapters", "adapters_disabled", "add_lora",
-    "load_adapter", "load_model", "merge_and_export", "parameter_report", "plan_memory", "save_adapter", "set_active_adapters", "set_rank",
+    "ConfigError",
+    "DataConfig",
+    "LoraConfig",
+    "ModelConfig",
+    "QuantConfig",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingConfig",
+    "active_adapters",
+    "adapters_disabled",
+    "add_lora",
+    "generate",
+    "load_adapter",
+    "load_model",
+    "load_train_config",
+    "merge_and_export",
+    "parameter_report",
+    "plan_memory",
+    "save_adapter",
+    "set_active_adapters",
+    "set_rank",
+    "train",
 ]
