@@ -300,7 +300,8 @@ class DataConfig:
     packing: bool = False  # pack several examples into one sequence (no attention across them)
     group_by_length: bool = True  # batch examples of similar length together to save padding
     cache_dir: str = ""  # where tokenized data is cached; empty: <output_dir>/../.token-cache
-    system_prompt: str = ""  # optional system message added to alpaca and prompt/completion records
+    system_prompt: str = ""  # optional system message of every record without one (part of the prompt contract)
+    chat_template: str = "auto"  # prompt layout: auto (the tokenizer's chat template, else alpaca), alpaca, chatml, llama3, completion, or a .jinja file
 
     def validate(self, where: str = "data") -> None:
         """Raise ConfigError for a wrongly typed, out-of-range or unknown setting."""

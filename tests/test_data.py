@@ -84,10 +84,12 @@ def test_prompt_completion_and_text_formats(tok):
     assert ex.input_ids[-1] == tok.eos_token_id
 
 
-def test_plain_format_without_chat_template_appends_supervised_eos(plain_tok):
+def test_without_chat_template_the_alpaca_contract_ends_replies_with_supervised_eos(plain_tok):
     rec = {"instruction": "Do it", "input": "now", "output": "done"}
     ex = tokenize_example(rec, "alpaca", plain_tok, DataConfig(), "mem")
-    expected = "### Instruction:\nDo it\n\n### Input:\nnow\n\n### Response:\ndone<|im_end|>"
+    # data.chat_template=auto gives a template-less tokenizer the alpaca template: one user turn (instruction,
+    # blank line, input) as for a tokenizer with a chat template, then the reply and EOS
+    expected = "### Instruction:\nDo it\n\nnow\n\n### Response:\ndone<|im_end|>"
     assert plain_tok.decode(ex.input_ids) == expected
     assert _supervised(plain_tok, ex) == ["done<|im_end|>"]
     ex = tokenize_example({"prompt": "Q: x\nA:", "completion": " y"}, "prompt_completion", plain_tok, DataConfig(), "m")

@@ -6,9 +6,10 @@
 - ``text``: ``text``, every token trained.
 
 A format's render function turns its checked fields into a ``Chat`` (messages for the chat template) or a
-``Plain`` (prompt + response text); ``tokenize`` turns either into tokens and masks. alpaca and
-prompt/completion records become a user message and an assistant reply when the tokenizer has a chat template
-(as ``inference.generate.render_prompt`` renders prompts), plain text otherwise.
+``Plain`` text (the text format); ``tokenize`` turns either into tokens and masks. alpaca and
+prompt/completion records become a user message and an assistant reply, rendered by the prompt contract's
+chat template (``data.contract``: the tokenizer's own, or a named one for tokenizers without), as
+``inference.generate.render_prompt`` renders prompts; the contract's template adds ``data.system_prompt``.
 
 Adding a format: write its ``render_<name>`` function and add one ``FORMATS`` entry, both here.
 """
@@ -31,10 +32,9 @@ class Chat:
 
 @dataclass(frozen=True)
 class Plain:
-    """Plain text, no chat template: the prompt is not trained, the response is (and gets an EOS)."""
+    """Plain text, no chat template (the text format): every token is trained, and an EOS follows."""
 
-    prompt: str  # context the model reads ("" for the text format)
-    response: str  # the text the model learns to write
+    text: str  # the text the model learns to write
 
 
 Rendered = Chat | Plain
@@ -87,52 +87,34 @@ def read_messages(value: Any, name: str, where: str, tokenizer: Any) -> list[dic
     return out
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    """Whether the tokenizer renders conversations itself (else alpaca and prompt/completion are plain text)."""
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 # ---------------------------------------------------------------------------------------------
 # Render functions: checked fields, tokenizer, options -> Chat or Plain
 
 
-def _system_text(cfg: DataConfig) -> str:
-    return f"{cfg.system_prompt}\n\n" if cfg.system_prompt else ""
-
-
-def _user_turn(prompt: str, reply: str, cfg: DataConfig) -> Chat:
-    """A user message and an assistant reply, after ``cfg.system_prompt`` as a system message if set."""
-    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    return Chat(system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])
+def _user_turn(prompt: str, reply: str) -> Chat:
+    """A user message and an assistant reply (the contract's template adds the system prompt)."""
+    return Chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}])
 
 
 def render_alpaca(fields: dict, tokenizer: Any, cfg: DataConfig) -> Rendered:
-    """instruction (+ "\\n\\n" + input) as the user turn and output as the reply; without a chat template the
-    ``### Instruction: / ### Input: / ### Response:`` layout, the system prompt first."""
-    instruction, extra, output = fields["instruction"], fields["input"], fields["output"]
-    if has_chat_template(tokenizer):
-        return _user_turn(f"{instruction}\n\n{extra}" if extra else instruction, output, cfg)
-    prompt = (f"{_system_text(cfg)}### Instruction:\n{instruction}\n\n"
-              + (f"### Input:\n{extra}\n\n" if extra else "") + "### Response:\n")
-    return Plain(prompt, output)
+    """instruction (+ "\\n\\n" + input) as the user turn and output as the reply."""
+    instruction, extra = fields["instruction"], fields["input"]
+    return _user_turn(f"{instruction}\n\n{extra}" if extra else instruction, fields["output"])
 
 
 def render_chat(fields: dict, tokenizer: Any, cfg: DataConfig) -> Rendered:
-    """The messages as they are (``cfg.system_prompt`` is not added: a conversation carries its own)."""
+    """The messages as they are (the contract's template adds the system prompt where there is none)."""
     return Chat(fields["messages"])
 
 
 def render_prompt_completion(fields: dict, tokenizer: Any, cfg: DataConfig) -> Rendered:
-    """prompt as the user turn and completion as the reply; without a chat template the two texts joined as
-    they are, the system prompt first."""
-    if has_chat_template(tokenizer):
-        return _user_turn(fields["prompt"], fields["completion"], cfg)
-    return Plain(_system_text(cfg) + fields["prompt"], fields["completion"])
+    """prompt as the user turn and completion as the reply."""
+    return _user_turn(fields["prompt"], fields["completion"])
 
 
 def render_text(fields: dict, tokenizer: Any, cfg: DataConfig) -> Rendered:
     """The text as it is, every token trained (no chat template, no system prompt)."""
-    return Plain("", fields["text"])
+    return Plain(fields["text"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +137,6 @@ class Format:
     fields: tuple[Field, ...]  # checked in this order
     detect: dict[str, int]  # keys that identify the format -> rank; across formats the lowest present rank wins
     render: Callable[[dict, Any, DataConfig], Rendered]  # (checked fields, tokenizer, options) -> Chat or Plain
-    needs_chat_template: bool = False  # refuse a tokenizer without a chat template
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -166,7 +147,7 @@ class Format:
 FORMATS: dict[str, Format] = {
     "alpaca": Format((Field("instruction", read_text), Field("input", read_text, required=False),
                       Field("output", read_text)), {"instruction": 1, "output": 5}, render_alpaca),
-    "chat": Format((Field("messages", read_messages),), {"messages": 0}, render_chat, needs_chat_template=True),
+    "chat": Format((Field("messages", read_messages),), {"messages": 0}, render_chat),
     "prompt_completion": Format((Field("prompt", read_text), Field("completion", read_text)),
                                 {"prompt": 2, "completion": 3}, render_prompt_completion),
     "text": Format((Field("text", read_text),), {"text": 4}, render_text),
@@ -210,13 +191,10 @@ def read_fields(record: dict, name: str, tokenizer: Any, where: str) -> dict:
 def render(record: dict, name: str, tokenizer: Any, cfg: DataConfig, where: str) -> Rendered:
     """Check one record's fields against format ``name`` and render it.
 
-    Raises DataError for an unknown format (naming the known ones), a chat-template format on a tokenizer
-    without one, or a missing or wrongly typed field (naming file, line and field).
+    Raises DataError for an unknown format (naming the known ones) or a missing or wrongly typed field
+    (naming file, line and field).
     """
     fmt = FORMATS.get(name)
     if fmt is None:
         raise DataError(f"{where}: unknown format {name!r}; use {format_names()}")
-    if fmt.needs_chat_template and not has_chat_template(tokenizer):
-        raise DataError(f"{where}: {name} records need a tokenizer with a chat template, and this one has none; "
-                        "convert the data to prompt_completion or use an instruct model's tokenizer")
     return fmt.render(read_fields(record, name, tokenizer, where), tokenizer, cfg)

@@ -12,6 +12,7 @@ import numpy as np
 from qlora_kit.config import DataConfig
 from qlora_kit.data import DataError
 from qlora_kit.data.cache import cache_path, load_cache, save_cache, tokenizer_fingerprint
+from qlora_kit.data.contract import prompt_contract
 from qlora_kit.data.formats import detect_format
 from qlora_kit.data.sources import Row, read_source
 from qlora_kit.data.tokenize import Example, TokenizedSource, n_supervised, tokenize_source
@@ -112,7 +113,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, cache_dir: Path | None = None,
 
     Args:
         cfg: file names, format, max_seq_len, masking and the validation split.
-        tokenizer: the model's tokenizer (its chat template renders chat, alpaca and prompt/completion records).
+        tokenizer: the model's tokenizer; its prompt contract (``data.contract``; set on the tokenizer here)
+            renders chat, alpaca and prompt/completion records.
         cache_dir: where tokenized sources are cached (default ``cfg.cache_dir``; neither set: no cache).
         seed: fixes which records ``cfg.eval_fraction`` holds out.
         records / eval_records: a ``datasets.Dataset`` or list of dicts used instead of the files.
@@ -122,6 +124,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, cache_dir: Path | None = None,
         DataError naming file, line and field for malformed records, an empty dataset, or data where every
         example is too long for ``cfg.max_seq_len``.
     """
+    prompt_contract(tokenizer, cfg)  # the text layout, decided before the cache key reads the chat template
     cache_dir = Path(cache_dir) if cache_dir else (Path(cfg.cache_dir) if cfg.cache_dir else None)
     fp = tokenizer_fingerprint(tokenizer) if cache_dir else ""
     rows, content, name = read_source(cfg.train_file, records, "train_file")

@@ -6,6 +6,7 @@ from typing import Any
 
 from qlora_kit.config import DataConfig
 from qlora_kit.data import IGNORE_INDEX, DataError
+from qlora_kit.data.contract import prompt_contract
 from qlora_kit.data.formats import Chat, Rendered, render
 from qlora_kit.data.sources import Row
 
@@ -66,15 +67,14 @@ def _chat_spans(tokenizer: Any, messages: list[dict], where: str) -> tuple[str, 
 
 
 def to_text(rendered: Rendered, tokenizer: Any, where: str) -> Text:
-    """A ``Chat`` through the tokenizer's chat template, or a ``Plain`` prompt + response, as ``Text``.
+    """A ``Chat`` through the tokenizer's chat template, or a ``Plain`` text, as ``Text``.
 
     Raises DataError when the template rejects the messages or is not prefix-stable.
     """
     if isinstance(rendered, Chat):
         text, spans = _chat_spans(tokenizer, rendered.messages, where)
         return Text(text, spans, True, rendered.messages[-1]["role"] == "assistant")
-    prompt, response = rendered.prompt, rendered.response
-    return Text(prompt + response, [(len(prompt), len(prompt) + len(response))], False, True)
+    return Text(rendered.text, [(0, len(rendered.text))], False, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,10 +115,13 @@ def _mask(ids: list[int], token_spans: list[tuple[int, int]], eos_id: int | None
 def tokenize_example(record: dict, fmt: str, tokenizer: Any, cfg: DataConfig, where: str) -> Example:
     """Tokenize one record and mask its labels; the result may be longer than ``cfg.max_seq_len``.
 
-    Responses (every assistant turn) are supervised, prompts, system and user text get IGNORE_INDEX
-    (``cfg.train_on_prompt`` supervises everything). The reply ends with a supervised EOS: the template's
-    end-of-turn token when it is the EOS, else an appended EOS. Raises DataError for a malformed record.
+    The record is rendered by the tokenizer's prompt contract (``data.contract.prompt_contract``, decided on
+    first use). Responses (every assistant turn) are supervised, prompts, system and user text get
+    IGNORE_INDEX (``cfg.train_on_prompt`` supervises everything). The reply ends with a supervised EOS: the
+    template's end-of-turn token when it is the EOS, else an appended EOS. Raises DataError for a malformed
+    record or an unknown ``cfg.chat_template``.
     """
+    prompt_contract(tokenizer, cfg)
     r = to_text(render(record, fmt, tokenizer, cfg, where), tokenizer, where)
     eos = tokenizer.eos_token_id
     ids, token_spans = _token_spans(tokenizer, r.text, r.spans, add_special=not r.templated)

@@ -55,7 +55,8 @@ def merge_and_export(base: str | Path, adapter: str | Path, out: str | Path, mer
             anything else is never replaced (FileExistsError).
         verify: reload the output, compare logits and greedy generations with the 4-bit base + adapter, and
             fail when a dequantized fp32 merge is off by more than ``verify.FP32_RTOL``.
-        prompts: the prompts verification runs (default: ``verify.DEFAULT_PROMPTS``).
+        prompts: the prompts verification runs (default: the first ``eval_file`` records in the trained
+            prompt format, else ``verify.DEFAULT_PROMPTS``).
         eval_file: JSONL records; reports eval loss of 4-bit + adapter and of both merges.
         shard_size: the largest output shard, e.g. "2GB".
         rank: merge only the first ``rank`` components (dynamic-rank adapters), scaled for that rank.

@@ -23,7 +23,8 @@ from qlora_kit.model.remote_code import check_remote_code
 
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                   "prompt_contract.json")
 MERGE_BASES = ("dequantized", "original")
 # safetensors header names of the non-float dtypes (and F64) a checkpoint may hold; the float dtypes we write
 # are in qlora_kit.dtypes

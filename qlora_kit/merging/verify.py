@@ -25,6 +25,7 @@ DEFAULT_PROMPTS = [
     "Q: What is 12 times 7?\nA:",
 ]
 MAX_NEW_TOKENS = 16
+EVAL_PROMPTS = 4  # records of --eval-file whose prompts are compared (instead of DEFAULT_PROMPTS)
 # A dequantized merge exported in fp32 must agree with the adapter model to this fraction of the largest
 # |logit| (fp32 summation order differs: merged W'x vs Wx + s·B(Ax)); beyond it the command fails.
 FP32_RTOL = 1e-4
@@ -126,6 +127,25 @@ def read_eval_examples(path: str | Path, tokenizer) -> list:
             for i, r in enumerate(records, 1)]
 
 
+def eval_prompts(path: str | Path, tokenizer, limit: int = EVAL_PROMPTS) -> list[str]:
+    """The first ``limit`` eval records' prompts, rendered by the prompt contract (the merged tokenizer's chat
+    template) as training renders them: the text before each record's last reply."""
+    from qlora_kit.config import DataConfig
+    from qlora_kit.data.contract import prompt_contract
+    from qlora_kit.data.formats import detect_format, render
+    from qlora_kit.data.sources import load_records
+    from qlora_kit.data.tokenize import to_text
+
+    cfg, prompts = DataConfig(), []
+    prompt_contract(tokenizer, cfg)
+    for i, record in enumerate(load_records(path)[:limit], 1):
+        where = f"{path} record {i}"
+        text = to_text(render(record, detect_format(record, where), tokenizer, cfg, where), tokenizer, where)
+        if text.templated and text.spans:
+            prompts.append(text.text[: text.spans[-1][0]])
+    return prompts
+
+
 def eval_loss(model, examples: list) -> float:
     """Mean cross-entropy per supervised token over ``data.Example`` s, one sequence at a time (no padding)."""
     from qlora_kit.training.evaluate import evaluate_loss
@@ -157,14 +177,18 @@ def verify_export(folder: Path, plan: MergePlan, prompts: list[str] | None = Non
                   strict: bool = True, progress: bool = True, max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
     """Compare the export in ``folder`` with the 4-bit base + adapter; return the report's verification part.
 
+    The prompts are ``prompts``, else the first records of ``eval_file`` rendered by the prompt contract (the
+    merged tokenizer's chat template), else ``DEFAULT_PROMPTS``.
+
     With ``strict``, raises VerificationError when a dequantized fp32 export's logits differ by more than
     ``FP32_RTOL`` of the logit scale, or when any logit is NaN/inf.
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    prompts = prompts or DEFAULT_PROMPTS
-    ids = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]  # each [1, T]
+    rendered = not prompts and eval_file is not None and eval_prompts(eval_file, tokenizer)
+    prompts = prompts or rendered or DEFAULT_PROMPTS  # rendered prompts carry the template's special tokens
+    ids = [tokenizer(p, return_tensors="pt", add_special_tokens=not rendered).input_ids for p in prompts]  # [1, T]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     records = read_eval_examples(eval_file, tokenizer) if eval_file is not None else None
     result: dict = {"prompts": prompts, "max_new_tokens": max_new_tokens,

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from qlora_kit.atomic import atomic_write_json
 from qlora_kit.config import QuantConfig
+from qlora_kit.data.contract import load_contract, write_contract
 from qlora_kit.merging.plan import (
     INDEX_FILE,
     TOKENIZER_FILES,
@@ -149,7 +150,8 @@ def write_model(plan: MergePlan, folder: Path, shard_limit: int, progress: bool 
 
 
 def write_side_files(plan: MergePlan, folder: Path) -> None:
-    """config.json (no quantization_config), generation_config.json and the tokenizer with its chat template."""
+    """config.json (no quantization_config), generation_config.json and the tokenizer, whose chat template is
+    the adapter's prompt contract when it has one (``data.contract``)."""
     atomic_write_json(folder / "config.json", plan.config)
     for name in COPY_FILES:
         if (plan.base / name).is_file():
@@ -157,6 +159,9 @@ def write_side_files(plan: MergePlan, folder: Path) -> None:
     for name in TOKENIZER_FILES:
         if (plan.tokenizer_dir / name).is_file():
             shutil.copy2(plan.tokenizer_dir / name, folder / name)
+    contract = load_contract(plan.adapter_dir)
+    if contract is not None:
+        write_contract(contract, folder)
 
 
 def requantize_folder(src: Path, dst: Path, quant: QuantConfig, dtype: torch.dtype, shard_limit: int) -> None:

@@ -17,9 +17,13 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 384):
-    """A byte-level BPE tokenizer with ChatML special tokens and a chat template (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(vocab_size: int = 384, chat_template: bool = True):
+    """A byte-level BPE tokenizer with ChatML special tokens and a chat template (no download).
+
+    ``chat_template=False`` builds a base-model-like variant instead: no chat template, and the BOS token put
+    before plain text (as Llama and Gemma base tokenizers do).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -29,9 +33,13 @@ def build_tokenizer(vocab_size: int = 384):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS * 4, trainer)
+    if not chat_template:
+        bos = ("<|im_start|>", tok.token_to_id("<|im_start|>"))
+        tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", pair="<|im_start|> $A $B",
+                                                           special_tokens=[bos])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", unk_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = CHAT_TEMPLATE if chat_template else None
     return fast
 
 
@@ -46,12 +54,14 @@ def tiny_llama_config(vocab_size: int, **overrides):
     return LlamaConfig(**kwargs)
 
 
-def make_tiny_model(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, **config_overrides) -> Path:
-    """Write a random tiny Llama (safetensors) plus tokenizer to ``out_dir`` and return the folder."""
+def make_tiny_model(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, chat_template: bool = True,
+                    **config_overrides) -> Path:
+    """Write a random tiny Llama (safetensors) plus tokenizer (``build_tokenizer(chat_template=...)``) to
+    ``out_dir`` and return the folder."""
     from transformers import LlamaForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(chat_template=chat_template)
     config = tiny_llama_config(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                **config_overrides)

@@ -1,4 +1,5 @@
-"""What a run writes: its records (config.yaml, run_info.json, metrics), checkpoints, adapters, summary and plot.
+"""What a run writes: its records (config.yaml, run_info.json, metrics), checkpoints, adapters (each with the
+prompt contract, ``data.contract.save_contract``), summary and plot.
 
 Only the main process writes; the collectives around a write (FSDP gathers the adapter, every rank waits)
 run on every rank.
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 from qlora_kit.atomic import atomic_write_bytes, atomic_write_json
 from qlora_kit.config import to_dict
+from qlora_kit.data.contract import save_contract
 from qlora_kit.model.adapters import save_adapter
 from qlora_kit.model.lora import inference_rank, set_rank
 from qlora_kit.training.checkpoint import save_checkpoint
@@ -59,7 +61,8 @@ def save_best_adapter(run: Run) -> None:
     """Write the current adapter to ``best_adapter/`` (collective under FSDP)."""
     with full_adapter_params(run.step_fn):
         if run.main:
-            replace_keeping_foreign(run.out / "best_adapter", lambda d: save_adapter(run.named, d))
+            replace_keeping_foreign(run.out / "best_adapter", lambda d: (
+                save_adapter(run.named, d), save_contract(run.tokenizer, d, run.config.model.path)))
 
 
 def finish(run: Run) -> TrainResult:
@@ -79,8 +82,8 @@ def finish(run: Run) -> TrainResult:
             checkpoint(run)
         with full_adapter_params(run.step_fn):
             if run.main:
-                replace_keeping_foreign(out / "adapter", lambda d: (save_adapter(run.named, d),
-                                                                    run.tokenizer.save_pretrained(str(d))))
+                replace_keeping_foreign(out / "adapter", lambda d: (
+                    save_adapter(run.named, d), save_contract(run.tokenizer, d, run.config.model.path)))
         run.accelerator.wait_for_everyone()
         adapter_dir = out / "adapter"
     result = TrainResult(out, adapter_dir, p.status, p.done, p.tokens, p.supervised_tokens, p.seconds,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_kit.config import TrainConfig
+from qlora_kit.data.contract import prompt_contract
 from qlora_kit.data.prepare import DataStats, prepare_data
 from qlora_kit.data.tokenize import Example
 from qlora_kit.planning.fit import check_fits
@@ -61,6 +62,7 @@ class ValidationReport:
             f"truncated: {100 * self.truncated_fraction:.1f}% of examples ({s.truncated} of {s.records})",
             f"supervised: {100 * self.supervised_fraction:.1f}% of training tokens "
             f"({s.supervised_tokens:,} of {s.tokens:,})",
+            prompt_contract(self.tokenizer, data).describe(),
         ])
 
 
