@@ -140,5 +140,15 @@ def test_template_less_model_train_validate_merge_keeps_the_contract(tmp_path, p
     assert load_contract(tmp_path / "merged").template == "alpaca"
     verification = report["verification"]
     assert verification["passed"]
+
+    from qlora_kit.cli import main  # qlora-kit eval --adapter prompts with the adapter's contract too
+    preds = tmp_path / "preds.jsonl"
+    assert main(["eval", "--model", str(plain_model_dir), "--adapter", str(adapter), "--data", str(data),
+                 "--max-new-tokens", "2", "--out", str(preds), "--compute-dtype", "fp32"]) == 0
+    first = json.loads(preds.read_text().splitlines()[0])
+    record = json.loads(data.read_text().splitlines()[0])
+    trained_first = tokenize_example(record, "alpaca", AutoTokenizer.from_pretrained(plain_model_dir),
+                                     DataConfig(system_prompt="Capitals."), "mem")
+    assert merged_tok(first["prompt"], add_special_tokens=False).input_ids == _prompt_ids(trained_first)
     assert verification["prompts"][0] == ("<|im_start|>Capitals.\n\n### Instruction:\nSpell apple in capitals."
                                           "\n\n### Response:\n")

@@ -27,12 +27,15 @@ def _check_inputs(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace):
     """The 4-bit model with ``--adapter`` folders stacked (the first is "default")."""
+    from qlora_kit.data.contract import apply_contract
     from qlora_kit.model.adapters import load_adapter
     from qlora_kit.model.load import load_model
 
     model, tokenizer = load_model(args.model, compute_dtype=args.compute_dtype)  # "demo" was resolved by the CLI
     for i, adapter in enumerate(args.adapter or []):
         load_adapter(model, adapter, name=f"adapter{i}" if i else "default")
+    if args.adapter:  # prompt as the (first) adapter was trained: its saved chat template and framing
+        apply_contract(tokenizer, args.adapter[0])
     return model, tokenizer
 
 

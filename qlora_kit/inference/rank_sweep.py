@@ -180,6 +180,7 @@ def _output_folder(args: argparse.Namespace, adapter_dir: Path, base: str) -> Pa
 
 def run_rank_sweep(args: argparse.Namespace) -> int:
     """``qlora-kit rank-sweep``: load the base and the adapter, sweep, print, write JSON and plot, maybe export."""
+    from qlora_kit.data.contract import apply_contract
     from qlora_kit.model.adapters import load_adapter, read_adapter, save_adapter
     from qlora_kit.atomic import atomic_write_json
     from qlora_kit.config import DataConfig
@@ -206,6 +207,7 @@ def run_rank_sweep(args: argparse.Namespace) -> int:
         records = records[: args.task_examples] if args.task_examples else records
     model, tokenizer = load_model(base, compute_dtype=args.compute_dtype)  # "demo" was resolved by the CLI
     load_adapter(model, adapter_dir)
+    apply_contract(tokenizer, adapter_dir)  # render the data with the template the adapter was trained with
     data_cfg = DataConfig(train_file=str(args.data), format=args.format, max_seq_len=args.max_seq_len)
     examples, _, _ = prepare_data(data_cfg, tokenizer)
     result = sweep(model, tokenizer, examples, ranks, records, batch_size=args.batch_size,
