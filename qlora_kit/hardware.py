@@ -11,6 +11,7 @@ log = logging.getLogger("qlora_kit")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+_announced: set[str] = set()  # "compute dtype auto -> ..." lines already logged by this process
 
 
 @lru_cache(maxsize=1)
@@ -52,7 +53,10 @@ def choose_compute_dtype(requested: str = "auto", device: torch.device | None = 
         dtype, why = torch.bfloat16, "CPU with native bf16 (AVX512-BF16/AMX)"
     else:
         dtype, why = torch.float32, "CPU without native bf16: fp32 matmuls are several times faster here"
-    log.info("compute dtype auto -> %s (%s)", str(dtype).removeprefix("torch."), why)
+    message = f"compute dtype auto -> {str(dtype).removeprefix('torch.')} ({why})"
+    if message not in _announced:  # planner, validation and loader all ask; the answer is logged once
+        _announced.add(message)
+        log.info(message)
     return dtype
 
 
