@@ -10,6 +10,7 @@ import torch
 from qlora_kit.dtypes import NAMES, dtype_name, parse_dtype
 
 log = logging.getLogger("qlora_kit")
+_announced: set[str] = set()  # "compute dtype auto -> ..." lines already logged by this process
 
 
 @lru_cache(maxsize=1)
@@ -47,7 +48,10 @@ def choose_compute_dtype(requested: str = "auto", device: torch.device | None = 
         dtype, why = torch.bfloat16, "CPU with native bf16 (AVX512-BF16/AMX)"
     else:
         dtype, why = torch.float32, "CPU without native bf16: fp32 matmuls are several times faster here"
-    log.info("compute dtype auto -> %s (%s)", dtype_name(dtype), why)
+    message = f"compute dtype auto -> {dtype_name(dtype)} ({why})"
+    if message not in _announced:  # planner, validation and loader all ask; the answer is logged once
+        _announced.add(message)
+        log.info(message)
     return dtype
 
 

@@ -19,6 +19,20 @@ from qlora_kit.model.remote_code import check_remote_code
 log = logging.getLogger("qlora_kit")
 
 
+def _drop_kernels_hint(record: logging.LogRecord) -> bool:
+    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community ... pip install kernels".
+
+    bitsandbytes logs it at WARNING on every import on CPUs with AVX512-BF16 when the optional ``kernels``
+    package (which downloads kernels from a model hub) is absent; it then uses its own kernel, so nothing failed.
+    """
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+# bitsandbytes is imported lazily, always after this module (qlora_kit/__init__ imports it), so the filter is in
+# place before the record is emitted.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernels_hint)
+
+
 def check_model_path(path: str | Path, trust_remote_code: bool = False) -> dict:
     """Validate that ``path`` is a local causal-LM checkpoint folder and return its config.json.
 
@@ -176,10 +190,21 @@ def prepare_for_kbit_training(model: nn.Module, compute_dtype: torch.dtype, grad
 
 
 def set_gradient_checkpointing(model: nn.Module, enabled: bool) -> None:
-    """Turn per-decoder-layer activation checkpointing on or off (non-reentrant, so no input-grad hack)."""
+    """Turn per-decoder-layer activation checkpointing on or off (non-reentrant, so no input-grad hack).
+
+    Calls transformers' ``activation_checkpointing_*`` names where they exist (transformers 5 deprecates the
+    ``gradient_checkpointing_*`` ones with a FutureWarning), else the older names.
+    """
+    new_names = hasattr(model, "activation_checkpointing_enable")
     if enabled:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(model, "is_gradient_checkpointing", False):
+        kwargs = {"use_reentrant": False}
+        if new_names:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif new_names and getattr(model, "is_activation_checkpointing", False):
+        model.activation_checkpointing_disable()
+    elif not new_names and getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
 
 

@@ -36,7 +36,7 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
     def plot(self, out: Path) -> Path | None:
-        """Train and validation loss against step, written atomically to ``out`` (PNG)."""
+        """Train and validation loss against step, titled by the run folder, written atomically to ``out`` (PNG)."""
         if not self.enabled:
             return None
         import matplotlib
@@ -51,8 +51,9 @@ class MetricsLog:
             ax.plot(*zip(*train), label="train loss", lw=1.2)
         if val:
             ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
+        ax.set_title(f"{'train and validation' if val else 'train'} loss, run {out.parent.name}")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("cross-entropy per supervised token")
+        ax.set_ylabel("cross-entropy (nats per supervised token)")
         ax.grid(alpha=0.3)
         ax.legend()
         return save_figure(fig, out)
