@@ -232,10 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        if getattr(args, "model", None) == "demo":  # --model demo (generate, eval, rank-sweep, export, plan)
-            from qlora_kit.demo.model import resolve_model_path
+        for flag in ("model", "base"):  # --model/--base demo: the demo model (generate, eval, merge, export, ...)
+            if getattr(args, flag, None) == "demo":
+                from qlora_kit.demo.model import resolve_model_path
 
-            args.model = str(resolve_model_path("demo"))
+                setattr(args, flag, str(resolve_model_path("demo")))
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints and exits cleanly)
         print("error: interrupted again: stopped at once without saving this step; the last checkpoint is kept "

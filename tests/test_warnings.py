@@ -56,7 +56,7 @@ def warnings_from_our_code():
 def test_train_generate_merge_raise_no_warning_from_our_code(tiny_model_dir, tmp_path):
     from qlora_kit.config import load_train_config
     from qlora_kit.inference.generate import generate
-    from qlora_kit.merging.merge import merge_and_export
+    from qlora_kit.merging.pipeline import merge_and_export
     from qlora_kit.model.adapters import load_adapter
     from qlora_kit.model.load import load_model
     from qlora_kit.training.recipe import train
