@@ -291,7 +291,7 @@ class DataConfig:
     train_file: str = ""  # JSONL, JSON, CSV or Parquet file of training records
     eval_file: str = ""  # validation records; empty holds out eval_fraction of train_file instead
     eval_fraction: float = ranged(0.0, "[0, 1)")  # fraction of train_file held out for validation when eval_file is empty
-    format: str = "auto"  # "alpaca", "chat", "prompt_completion", "text", or "auto" (from the first record's fields)
+    format: str = "auto"  # "alpaca", "chat", "prompt_completion", "text", "preference" (chosen/rejected pairs), or "auto" (from the first record's fields)
     max_seq_len: int = ranged(512, "[8, 16_777_216]")  # longer examples are truncated (and dropped if no supervised token is left)
     train_on_prompt: bool = False  # also train on prompt/system/user tokens (default: responses only)
     packing: bool = False  # pack several examples into one sequence (no attention across them)
@@ -302,8 +302,8 @@ class DataConfig:
     def validate(self, where: str = "data") -> None:
         """Raise ConfigError for a wrongly typed, out-of-range or unknown setting."""
         check_fields(self, where)
-        if self.format not in ("auto", "alpaca", "chat", "prompt_completion", "text"):
-            raise ConfigError(f"{where}.format: {self.format!r}; use auto, alpaca, chat, prompt_completion or text")
+        if self.format not in ("auto", "alpaca", "chat", "prompt_completion", "text", "preference"):
+            raise ConfigError(f"{where}.format: {self.format!r}; use auto, alpaca, chat, prompt_completion, text or preference")
 
 
 @dataclass
