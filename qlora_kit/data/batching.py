@@ -9,6 +9,7 @@ import torch
 
 from qlora_kit.config import DataConfig
 from qlora_kit.data import IGNORE_INDEX
+from qlora_kit.data.preference import PreferenceExample
 from qlora_kit.data.prepare import DataStats
 from qlora_kit.data.tokenize import Example
 
@@ -119,3 +120,9 @@ def collate(examples: list[Example], pad_id: int, packing: bool, max_seq_len: in
     if packing:
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collate_pairs(pairs: list[PreferenceExample], pad_id: int, max_seq_len: int) -> dict[str, torch.Tensor]:
+    """``collate`` of the chosen sides then the rejected sides of ``pairs`` (never packed): ``[2b, s]`` tensors
+    whose rows ``[0, b)`` are chosen and ``[b, 2b)`` rejected, so a pair goes through one forward."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, False, max_seq_len)
