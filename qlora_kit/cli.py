@@ -6,8 +6,20 @@ import logging
 import os
 import sys
 
-from qlora_kit.config import ConfigError
-from qlora_kit.dtypes import NAMES as DTYPE_NAMES
+from qlora_kit.config import ConfigError, TrainConfig, load_train_config
+from qlora_kit.dtypes import NAMES, dtype_name
+from qlora_kit.optimizers import OPTIMIZER_NAMES
+
+
+def _load_config(args: argparse.Namespace) -> TrainConfig:
+    """The run config of ``train``/``validate``: a YAML file and/or key=value overrides (a first positional
+    argument with "=" that is not a .yaml file is an override, not a file)."""
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)  # only overrides, no YAML file
+        args.config = None
+    from qlora_kit.demo.model import resolve_model_path
+
+    return load_train_config(args.config, args.overrides, resolve_model=resolve_model_path)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -17,13 +29,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from qlora_kit.config import load_train_config
     from qlora_kit.training.recipe import train
 
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.overrides.insert(0, args.config)  # only overrides, no YAML file
-        args.config = None
-    config = load_train_config(args.config, args.overrides)
+    config = _load_config(args)
     result = train(config, resume=args.resume, force=args.force, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun/accelerate launch only rank 0 reports
         return 0
@@ -37,13 +45,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from qlora_kit.config import load_train_config
     from qlora_kit.training.validate import validate_run
 
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.overrides.insert(0, args.config)  # only overrides, no YAML file
-        args.config = None
-    report = validate_run(load_train_config(args.config, args.overrides), force=args.force)
+    report = validate_run(_load_config(args), force=args.force)
     print(report.summary())
     print("ok: config, model folder and data are valid (no weights were loaded)")
     return 0
@@ -52,8 +56,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from qlora_kit.model.adapters import load_adapter
     from qlora_kit.inference.generate import generate
+    from qlora_kit.demo.model import resolve_model_path
     from qlora_kit.model.load import load_model
-    from qlora_kit.training.recipe import resolve_model_path
 
     model, tokenizer = load_model(resolve_model_path(args.model), compute_dtype=args.compute_dtype)
     for i, adapter in enumerate(args.adapter or []):
@@ -99,17 +103,20 @@ def _cmd_adapter_resize(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qlora-kit", description="Quantized low-memory LoRA fine-tuning.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _compute_dtype(text: str) -> str:
+    """argparse type of --compute-dtype: "auto" or any spelling of a dtype, as its short name."""
+    return text if text == "auto" else dtype_name(text)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="load SmolLM2-135M-Instruct in 4-bit, report it, and generate")
     demo.add_argument("--prepare", action="store_true", help="only fetch and convert the demo model, then exit")
     demo.add_argument("--output", help="run folder (default: runs/demo-<timestamp>)")
     demo.add_argument("--epochs", type=float, default=1.0, help="training epochs over the 600 demo examples")
     demo.set_defaults(func=_cmd_demo)
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser("train", help="fine-tune with LoRA from a YAML config")
     tr.add_argument("config", nargs="?", help="YAML config with model, quant, lora, data and training sections")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lora.r=8 training.lr=1e-4")
@@ -119,28 +126,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train into a non-empty folder (its files are moved aside, never deleted) or over a finished run")
     tr.set_defaults(func=_cmd_train)
 
+
+def _add_validate(sub: argparse._SubParsersAction) -> None:
     va = sub.add_parser("validate", help="check config, model folder and every data record; print a data summary")
     va.add_argument("config", nargs="?", help="YAML config, as for train")
     va.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.max_seq_len=1024")
     va.add_argument("--force", action="store_true", help="do not refuse a run the memory plan says cannot fit")
     va.set_defaults(func=_cmd_validate)
 
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate with the 4-bit model and zero or more adapters")
     gen.add_argument("prompt", nargs="*", help="prompts; none starts an interactive chat")
     gen.add_argument("--model", default="demo", help="model folder, or 'demo' (default)")
     gen.add_argument("--adapter", action="append", help="adapter folder (repeat to stack several)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--compute-dtype", default="auto")
+    gen.add_argument("--compute-dtype", type=_compute_dtype, default="auto", metavar="{auto," + ",".join(NAMES) + "}")
     gen.set_defaults(func=_cmd_generate)
 
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
     mg = sub.add_parser("merge", help="merge an adapter into its base and export a plain safetensors model")
     mg.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")
     mg.add_argument("--adapter", required=True, help="the adapter folder (PEFT format)")
     mg.add_argument("--out", required=True, help="output folder (written atomically)")
     mg.add_argument("--merge-base", choices=["dequantized", "original"], default="dequantized",
                     help="add the adapter to dequant(quant(W)) as trained (default) or to the original W")
-    mg.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto",
+    mg.add_argument("--dtype", choices=["auto", *NAMES], default="auto",
                     help="output dtype; auto (default): the checkpoint's, or fp32 when that cast would erase the adapter")
     mg.add_argument("--requantize", choices=["nf4", "fp4"],
                     help="save a 4-bit model; the report says how much of the adapter survives (exit 3 if lost)")
@@ -151,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--shard-size", default="2GB", help="largest output shard (default 2GB)")
     mg.set_defaults(func=_cmd_merge)
 
+
+def _add_adapter_resize(sub: argparse._SubParsersAction) -> None:
     rs = sub.add_parser("adapter-resize", help="shrink an adapter's rank by truncated SVD of each update")
     rs.add_argument("--adapter", required=True, help="the adapter folder to shrink")
     rs.add_argument("--out", required=True, help="folder for the smaller adapter")
@@ -158,21 +173,26 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--overwrite", action="store_true", help="replace an earlier resize output at --out")
     rs.set_defaults(func=_cmd_adapter_resize)
 
-    from qlora_kit.inference.rank_sweep import add_parser as add_rank_sweep_parser
 
-    add_rank_sweep_parser(sub)  # rank-sweep: evaluate a dynamic-rank adapter at several ranks, recommend one
+def _add_rank_sweep(sub: argparse._SubParsersAction) -> None:
+    """rank-sweep: evaluate a dynamic-rank adapter at several ranks, recommend one (its parser lives with it)."""
+    from qlora_kit.inference.rank_sweep import add_parser
 
+    add_parser(sub)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
     pl = sub.add_parser("plan", help="predict peak memory of a QLoRA fine-tune from a config.json, without loading it")
     pl.add_argument("--model", required=True, help="checkpoint folder, config.json, or a shipped name (e.g. llama-3.1-70b)")
     pl.add_argument("--seq-len", type=int, default=2048)
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--rank", type=int, default=16)
     pl.add_argument("--targets", default="all-linear", help="all-linear or comma-separated names (q_proj,v_proj)")
-    pl.add_argument("--optimizer", default="paged_adamw_8bit",
-                    choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"])
+    pl.add_argument("--optimizer", default="paged_adamw_8bit", choices=OPTIMIZER_NAMES)
     pl.add_argument("--grad-checkpointing", choices=["on", "off"], default="on")
-    pl.add_argument("--device-memory", help="memory per device, e.g. 24GB (GB means GiB, as on GPU spec sheets)")
-    pl.add_argument("--compute-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    pl.add_argument("--device-memory", help="memory per device with its unit, e.g. 24GB (GB means GiB, as on GPU "
+                                            "spec sheets; a number without a unit is an error)")
+    pl.add_argument("--compute-dtype", choices=NAMES, default="bf16")
     pl.add_argument("--devices", type=int, default=1)
     pl.add_argument("--strategy", choices=["single", "ddp", "fsdp"], default="single")
     pl.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="which framework overhead to add")
@@ -182,6 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--bandwidth", type=float,
                     help="with --offload: disk read (or host-to-device) bandwidth in GB/s, to predict the added time")
     pl.set_defaults(func=_cmd_plan)
+
+
+SUBCOMMANDS = (_add_demo, _add_train, _add_validate, _add_generate, _add_merge, _add_adapter_resize, _add_rank_sweep,
+               _add_plan)  # each adds one subcommand's parser; the order is the order of --help
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``qlora-kit`` argument parser: global flags and one subparser per entry of ``SUBCOMMANDS``."""
+    parser = argparse.ArgumentParser(prog="qlora-kit", description="Quantized low-memory LoRA fine-tuning.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 
@@ -227,7 +260,7 @@ def _is_user_error(e: Exception) -> bool:
     from qlora_kit.model.adapters import AdapterMismatchError
     from qlora_kit.atomic import WriteError
     from qlora_kit.data import DataError
-    from qlora_kit.training.recipe import TrainingError
+    from qlora_kit.training.run import TrainingError
 
     return isinstance(e, (ConfigError, DataError, AdapterMismatchError, TrainingError, WriteError, FileExistsError))
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Union
 
 from qlora_kit.config_aliases import suggest
+from qlora_kit.dtypes import DTYPES, NAMES
+from qlora_kit.optimizers import OPTIMIZER_NAMES
 from qlora_kit.config_yaml import (ConfigError, apply_overrides, compose_file, key_line, line_of, load_yaml,  # noqa: F401
                           parse_override)
 
@@ -101,8 +103,9 @@ class QuantConfig:
             raise ConfigError(f"{where}.bits: {self.bits} is not supported; use 4, 8 or 16")
         if self.quant_type not in ("nf4", "fp4"):
             raise ConfigError(f"{where}.quant_type: {self.quant_type!r} is unknown; use 'nf4' or 'fp4'")
-        if self.quant_storage not in ("uint8", "bfloat16", "float16", "float32"):
-            raise ConfigError(f"{where}.quant_storage: {self.quant_storage!r}; use uint8, bfloat16, float16 or float32")
+        if self.quant_storage not in ("uint8", *(d.long for d in DTYPES)):
+            raise ConfigError(f"{where}.quant_storage: {self.quant_storage!r}; use uint8, "
+                              f"{', '.join(d.long for d in DTYPES)}")
 
 
 @dataclass
@@ -278,8 +281,8 @@ class ModelConfig:
     def validate(self, where: str = "model") -> None:
         """Raise ConfigError for a wrongly typed or unknown setting."""
         check_fields(self, where)
-        if self.compute_dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
-            raise ConfigError(f"{where}.compute_dtype: {self.compute_dtype!r}; use auto, bf16, fp16 or fp32")
+        if self.compute_dtype not in ("auto", *(name for d in DTYPES for name in (d.name, d.long))):
+            raise ConfigError(f"{where}.compute_dtype: {self.compute_dtype!r}; use auto, {', '.join(NAMES)}")
         if self.offload not in ("none", "cpu", "disk"):
             raise ConfigError(f"{where}.offload: {self.offload!r}; use none, cpu or disk")
 
@@ -341,9 +344,9 @@ class TrainingConfig:
     def validate(self, where: str = "training") -> None:
         """Raise ConfigError for a wrongly typed, out-of-range or unknown setting."""
         check_fields(self, where)
-        if self.optimizer not in ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit", "adamw"):
-            raise ConfigError(f"{where}.optimizer: {self.optimizer!r} is unknown; use paged_adamw_8bit, "
-                              "paged_adamw_32bit, adamw_8bit or adamw")
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise ConfigError(f"{where}.optimizer: {self.optimizer!r} is unknown; use "
+                              f"{', '.join(OPTIMIZER_NAMES[:-1])} or {OPTIMIZER_NAMES[-1]}")
         if self.scheduler not in ("cosine", "linear", "constant"):
             raise ConfigError(f"{where}.scheduler: {self.scheduler!r}; use cosine, linear or constant")
         if self.gradient_checkpointing not in ("on", "off", "auto"):
@@ -386,14 +389,17 @@ class TrainConfig:
                               "(chosen vs rejected), which packing would merge; set data.packing=false")
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                      resolve_model: Callable[[str], Path] | None = None) -> TrainConfig:
     """Read a YAML config (optional), apply ``key=value`` overrides, and validate it.
 
+    ``resolve_model`` turns ``model.path`` into a folder (the CLI passes ``demo.model.resolve_model_path``: "demo"
+    becomes the cached demo model; this layer cannot import the demo); without it the path stays as written.
     Raises ConfigError naming the file, the line and the key (every unknown key at once) and the fix."""
     data = load_yaml(path) if path else {}
     try:
         apply_overrides(data, overrides or [])
-        return from_dict(TrainConfig, data)
+        config = from_dict(TrainConfig, data)
     except ConfigError as e:
         if not path:
             raise
@@ -404,3 +410,6 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
             raise ConfigError(f"{path}: {message}") from None
         line = key_line(Path(path), str(e), overridden)
         raise ConfigError(f"{path}{f' line {line}' if line else ''}: {e}") from None
+    if resolve_model is not None and config.model.path:
+        config.model.path = str(resolve_model(config.model.path))
+    return config

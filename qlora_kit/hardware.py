@@ -7,10 +7,9 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("qlora_kit")
+from qlora_kit.dtypes import NAMES, dtype_name, parse_dtype
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+log = logging.getLogger("qlora_kit")
 
 
 @lru_cache(maxsize=1)
@@ -28,22 +27,18 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """Map 'bf16'/'bfloat16'/'fp16'/'float16'/'fp32'/'float32' to a torch dtype."""
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(sorted(_DTYPES))}") from None
-
-
 def choose_compute_dtype(requested: str = "auto", device: torch.device | None = None) -> torch.dtype:
     """Resolve the compute dtype for 4-bit matmuls and LoRA.
 
     "auto" picks bf16 on CUDA GPUs that support it (Ampere+), fp16 on older GPUs, and on CPU bf16 only
     with native bf16 (AVX512-BF16/AMX), else fp32: without them bf16 matmuls run 4-6x slower than fp32.
+    Any other name is looked up in ``qlora_kit.dtypes``; ValueError names the choices.
     """
     if requested != "auto":
-        return parse_dtype(requested)
+        try:
+            return parse_dtype(requested)
+        except ValueError:
+            raise ValueError(f"unknown compute dtype {requested!r}; use auto, {', '.join(NAMES)}") from None
     device = device or default_device()
     if device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -52,7 +47,7 @@ def choose_compute_dtype(requested: str = "auto", device: torch.device | None = 
         dtype, why = torch.bfloat16, "CPU with native bf16 (AVX512-BF16/AMX)"
     else:
         dtype, why = torch.float32, "CPU without native bf16: fp32 matmuls are several times faster here"
-    log.info("compute dtype auto -> %s (%s)", str(dtype).removeprefix("torch."), why)
+    log.info("compute dtype auto -> %s (%s)", dtype_name(dtype), why)
     return dtype
 
 
@@ -67,3 +62,28 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 2**63  # unknown: never force checkpointing on
+
+
+def choose_cpu_threads() -> int:
+    """Set torch's CPU thread count for this process by how busy the machine is, and return it.
+
+    With every core free, all cores. When other processes already keep the cores busy (1-minute load average
+    at or above cores - 0.5), one thread: OpenMP threads that wait on each other at every op barrier made a
+    training step 6x slower than one thread on a loaded 2-core CPU (docs/benchmarks.md). ``OMP_NUM_THREADS``
+    or ``QLORA_KIT_THREADS`` in the environment decide instead when set.
+    """
+    import os
+
+    cores = os.cpu_count() or 1
+    if os.environ.get("QLORA_KIT_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+        threads = int(os.environ.get("QLORA_KIT_THREADS") or os.environ["OMP_NUM_THREADS"])
+        why = "from the environment"
+    else:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        busy = cores > 1 and load >= cores - 0.5
+        threads = 1 if busy else cores
+        why = f"load average {load:.1f} on {cores} cores" + (": other processes compete" if busy else "")
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(max(1, threads))
+        log.info("CPU threads: %d (%s)", threads, why)
+    return torch.get_num_threads()

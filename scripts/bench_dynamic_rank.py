@@ -37,7 +37,8 @@ from qlora_kit.demo.run import demo_config  # noqa: E402
 from qlora_kit.demo.task import evaluate_exact_match, write_demo_dataset  # noqa: E402
 from qlora_kit.model.lora import set_rank  # noqa: E402
 from qlora_kit.model.load import load_model  # noqa: E402
-from qlora_kit.training.recipe import evaluate_loss, train  # noqa: E402
+from qlora_kit.training.evaluate import evaluate_loss  # noqa: E402
+from qlora_kit.training.recipe import train  # noqa: E402
 
 
 def _ints(text: str) -> list[int]:

@@ -73,11 +73,14 @@ def write_random_4bit(cfg, folder: Path, dtype: torch.dtype) -> dict:
 def time_steps(model, steps: int, ids: torch.Tensor, rank: int, rec=None, label: str = "step") -> list[dict]:
     """Attach LoRA, run ``steps`` optimizer steps on ``ids``; per step: seconds, loss, disk reads, peaks."""
     from qlora_kit import LoraConfig, add_lora
-    from qlora_kit.testing.measure import make_optimizer, train_steps
+    from qlora_kit.config import TrainingConfig
+    from qlora_kit.testing.measure import train_steps
+    from qlora_kit.training.optim import build_optimizer
 
     add_lora(model, LoraConfig(r=rank, alpha=2 * rank))
     model.train()
-    opt = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad])
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad],
+                          TrainingConfig(optimizer="adamw", lr=1e-4), torch.device("cpu"))
     out = []
     for i in range(steps):
         before = io_counters()

@@ -154,7 +154,9 @@ def main(argv=None) -> int:
         return run_offload(args, llama_config(args))
     from qlora_kit import LoraConfig, add_lora, save_adapter
     from qlora_kit.atomic import atomic_write_json
-    from qlora_kit.testing.measure import PhaseRecorder, make_optimizer, read_status, train_steps
+    from qlora_kit.config import TrainingConfig
+    from qlora_kit.testing.measure import PhaseRecorder, read_status, train_steps
+    from qlora_kit.training.optim import build_optimizer
     from qlora_kit.planning.memory import plan_memory
     from qlora_kit.model.load import load_model, model_bytes
 
@@ -189,7 +191,8 @@ def main(argv=None) -> int:
         result["model_bytes_4bit"] = model_bytes(model)
         phase("add LoRA", add_lora, model, LoraConfig(r=args.rank, alpha=2 * args.rank))
         model.train()
-        opt = make_optimizer("adamw", [p for p in model.parameters() if p.requires_grad])
+        opt = build_optimizer([p for p in model.parameters() if p.requires_grad],
+                              TrainingConfig(optimizer="adamw", lr=1e-4), torch.device("cpu"))
         ids = torch.randint(3, 384, (1, args.seq_len))
         result["losses"] = phase("train", train_steps, model, opt, ids, args.steps, "chunked")
         phase("save adapter", save_adapter, model, adapter, base_model_name_or_path=str(ckpt))

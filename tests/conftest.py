@@ -7,6 +7,9 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Training picks its thread count by the machine's load (hardware.choose_cpu_threads); tests that compare two
+# runs bit for bit need the same count in every run and subprocess, whatever else the machine is doing.
+os.environ.setdefault("QLORA_KIT_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")

@@ -257,7 +257,7 @@ def test_resume_falls_back_past_a_bad_latest_checkpoint(interrupted, reference, 
 
 
 def test_resume_stops_with_one_line_when_no_checkpoint_verifies(interrupted, tiny_model_dir, tmp_path, monkeypatch):
-    import qlora_kit.training.recipe as train_mod
+    import qlora_kit.training.setup as train_mod
 
     root = _copy_run(interrupted, tmp_path)
     for ckpt in list_checkpoints(root):

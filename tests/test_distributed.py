@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_kit.config import load_train_config
-from qlora_kit.training.recipe import TrainingError, train
+from qlora_kit.training.recipe import train
+from qlora_kit.training.run import TrainingError
 
 LAUNCH_TIMEOUT = 150  # seconds per launch; a hang fails the test instead of blocking CI
 ATOL = 1e-6  # adapters of 1 vs 2 processes differ only by float summation order (fp32 compute)
@@ -48,7 +49,7 @@ def mkdir_(path, *a, **k):
     return real_mkdir(path, *a, **k)
 builtins.open, os.replace, os.mkdir = open_, replace_, mkdir_
 
-import qlora_kit.training.recipe as T
+import qlora_kit.training.step as T
 real_accumulate = T.accumulate_gradients
 def accumulate(step_fn, accelerator, micro_batches, step_tokens):
     step = len(seen) + 1

@@ -13,7 +13,8 @@ from qlora_kit import LoraConfig, add_lora, load_adapter, merge_and_export, save
 from qlora_kit.model.adapters import read_adapter
 from qlora_kit.config import ConfigError
 from qlora_kit.model.lora import lora_layers, sample_rank, set_rank
-from qlora_kit.training.recipe import _step_seed, train
+from qlora_kit.training.recipe import train
+from qlora_kit.training.step import step_seed
 
 from conftest import load_tiny
 from test_train import _config, _interrupt_at
@@ -145,7 +146,7 @@ def test_sampled_ranks_reproduce_exactly_and_cover_the_range(tmp_path, tiny_mode
     assert first == second and len(first) == 8 and len(set(first)) > 2
     assert all(2 <= k <= 8 for k in first)
     cfg = LoraConfig(r=8, r_min=2, dynamic_rank=True)
-    assert first == [sample_rank(random.Random(_step_seed(42, s)), cfg) for s in range(8)]
+    assert first == [sample_rank(random.Random(step_seed(42, s)), cfg) for s in range(8)]
 
 
 def test_log_uniform_sampling_stays_in_range_and_favours_small_ranks():

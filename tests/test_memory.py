@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from qlora_kit.config import ConfigError, QuantConfig
-from qlora_kit.planning.memory import architecture, parse_bytes, plan_memory, quantized_bytes, shipped_configs
+from qlora_kit.planning.estimate import quantized_bytes
+from qlora_kit.planning.memory import parse_bytes, plan_memory
+from qlora_kit.planning.models import architecture, shipped_configs
 
 TOLERANCE = 0.15
 # Random-weight Llamas (bf16 on disk; the tiny tokenizer's 384-token vocabulary, so the blocks hold the weights).
@@ -122,8 +124,57 @@ def test_verdict_names_the_cheapest_change():
     assert plan.max_seq_len < 4096 and plan.max_batch == 0
     ok = plan_memory("llama-2-7b", seq_len=512, device_memory="24GB")
     assert ok.fits and ok.max_batch >= 1 and ok.max_seq_len >= 512
-    hopeless = plan_memory("llama-3.1-70b", device_memory="16GB")
-    assert hopeless.fits is False and "does not fit" in hopeless.advice
+    offloadable = plan_memory("llama-3.1-70b", device_memory="16GB")  # the frozen base offloaded fits (issue 18)
+    assert offloadable.fits is False and "--offload cpu" in offloadable.advice
+    hopeless = plan_memory("llama-3.1-70b", device_memory="4GB")  # its embeddings and head alone are 4 GiB
+    assert hopeless.fits is False and "no setting makes it fit one device" in hopeless.advice
+
+
+def test_cheapest_fixes_include_offload_where_it_fits():
+    """70B on 24 GB fits with the base offloaded: the verdict says so, and the offloaded plan fits (issue 18)."""
+    on_gpu = plan_memory("llama-3.1-70b", device_memory="24GB")
+    assert on_gpu.fits is False and on_gpu.advice.startswith("cheapest fix: offload") and "--offload cpu" in on_gpu.advice
+    offloaded = plan_memory("llama-3.1-70b", device_memory="24GB", offload="cpu")
+    assert offloaded.fits and offloaded.device_memory - offloaded.total > 10 * 2**30
+    on_cpu = plan_memory("llama-3.1-70b", device_memory="24GB", device="cpu")  # no host to offload to: disk
+    assert "--offload disk" in on_cpu.advice
+    assert plan_memory("llama-3.1-70b", device_memory="24GB", device="cpu", offload="disk").fits
+    # an offload is not suggested when a change that keeps the adapter the same suffices
+    assert "checkpointing" in plan_memory("llama-2-7b", seq_len=4096, grad_checkpointing=False,
+                                          device_memory="24GB").advice
+
+
+def test_combined_fix_is_the_fewest_cheapest_changes_and_fits():
+    plan = plan_memory("llama-2-7b", seq_len=8192, batch=4, grad_checkpointing=False, optimizer="adamw",
+                       device_memory="12GB")
+    assert plan.advice.startswith("cheapest fix: combine ")
+    said = plan.advice.removeprefix("cheapest fix: combine ").split("; ")
+    assert said == ["turn gradient checkpointing on (+~33% compute)", "use paged_adamw_8bit (states spill to host memory)",
+                    "use batch 1 with gradient accumulation"]  # the later optimizer change supersedes adamw_8bit
+    fixed = plan_memory("llama-2-7b", seq_len=8192, batch=1, grad_checkpointing=True, optimizer="paged_adamw_8bit",
+                        device_memory="12GB")
+    assert fixed.total - fixed.spillable <= fixed.device_memory
+    without_batch = plan_memory("llama-2-7b", seq_len=8192, batch=4, grad_checkpointing=True,
+                                optimizer="paged_adamw_8bit", device_memory="12GB")
+    assert without_batch.total - without_batch.spillable > without_batch.device_memory  # no change too many
+
+
+def test_fsdp_hint_names_a_device_count_that_fits():
+    plan = plan_memory("llama-3.1-70b", seq_len=256, device_memory="6GB", offload="cpu")
+    assert plan.fits is False and "no setting makes it fit one device" in plan.advice
+    devices = int(plan.advice.rsplit("--devices ", 1)[1])
+    assert plan_memory("llama-3.1-70b", seq_len=256, device_memory="6GB", offload="cpu", strategy="fsdp",
+                       devices=devices).fits
+
+
+@pytest.mark.parametrize("kwargs", [{"device_memory": "24GB", "seq_len": 512}, {"device_memory": "16GB"},
+                                    {"device_memory": "4GB"}, {"device_memory": "5.15GB", "seq_len": 512}])
+def test_verdict_says_fits_or_not_once(kwargs):
+    """One verdict word, then the advice: no "DOES NOT FIT ...: does not fit: ..." (issue 18)."""
+    name = "llama-2-7b" if kwargs.get("seq_len") == 512 else "llama-3.1-70b"
+    line = next(x for x in str(plan_memory(name, **kwargs)).splitlines() if x.startswith("verdict: "))
+    assert line.lower().count("fit") == 1 + line.lower().count("fit one device"), line
+    assert line.split()[1] in ("FITS", "DOES")
 
 
 def test_errors_name_the_field_and_fix():
@@ -136,6 +187,23 @@ def test_errors_name_the_field_and_fix():
     with pytest.raises(ConfigError, match="q_proj"):
         plan_memory("llama-2-7b", targets=["query"])
     assert parse_bytes("24GB") == parse_bytes("24 GiB") == 24 * 2**30
+
+
+def test_device_memory_needs_a_unit():
+    """A unit-less size is an error naming the fix, not 16 bytes (issue 18); a number is bytes (Python API)."""
+    for text in ("16", " 16 ", "16.5"):
+        with pytest.raises(ConfigError, match=r"add a unit, e\.g\. 16(\.5)?GB"):
+            parse_bytes(text)
+    assert parse_bytes("512B") == 512 and parse_bytes("16000MB") == 16000 * 2**20 and parse_bytes("80 G") == 80 * 2**30
+    assert parse_bytes(16 * 2**30) == 16 * 2**30
+
+
+def test_cli_plan_device_memory_without_unit(capsys):
+    from qlora_kit.cli import main
+
+    assert main(["plan", "--model", "llama-3.1-8b", "--device-memory", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "add a unit, e.g. 16GB" in err and "0.00 GiB" not in err
 
 
 def test_cli_plan(capsys):

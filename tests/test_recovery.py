@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora_kit.config import load_train_config
-from qlora_kit.training.recipe import RunDiverged, TrainingError, train
+from qlora_kit.training.recipe import train
+from qlora_kit.training.run import RunDiverged, TrainingError
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "robot"]
 
@@ -26,7 +27,7 @@ def _config(folder, model_dir, **training):
 
 def _poison_loss(monkeypatch, factor, steps, before=None):
     """Multiply the loss of the given steps by ``factor``; call ``before(step)`` first at the first of them."""
-    import qlora_kit.training.recipe as train_mod
+    import qlora_kit.training.step as train_mod
 
     real, calls = train_mod.causal_lm_loss, {"n": 0}
 

@@ -27,7 +27,8 @@ from qlora_kit.training.checkpoint import STATE_FILE, latest_checkpoint, load_op
 from qlora_kit.config import ConfigError, load_train_config, to_dict
 from qlora_kit.model.lora import lora_layers
 from qlora_kit.model.load import check_model_path
-from qlora_kit.training.recipe import TrainingError, train
+from qlora_kit.training.recipe import train
+from qlora_kit.training.run import TrainingError
 
 from conftest import load_tiny
 
@@ -242,7 +243,7 @@ def test_disk_full_during_an_export_keeps_the_previous_export(tiny_model_dir, ad
 
 def _inf_gradient_at(monkeypatch, step: int):
     """Make one LoRA gradient inf during optimizer step ``step`` (grad_accum=1: one backward per step)."""
-    import qlora_kit.training.recipe as train_mod
+    import qlora_kit.training.setup as train_mod
 
     real = train_mod.add_lora
     backward = {"n": 0}

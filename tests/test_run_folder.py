@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import qlora_kit.training.recipe as train_mod
+import qlora_kit.training.setup as train_mod
 from qlora_kit.cli import main
 from qlora_kit.config import ConfigError, load_train_config
 from qlora_kit.training.run_folder import MARKER

@@ -11,7 +11,9 @@ from qlora_kit.config import load_train_config
 from qlora_kit.data.batching import collate
 from qlora_kit.data.tokenize import Example
 from qlora_kit.model.lora import lora_layers
-from qlora_kit.training.recipe import SupervisedLoss, TrainingError, accumulate_gradients, train
+from qlora_kit.training.recipe import train
+from qlora_kit.training.run import TrainingError
+from qlora_kit.training.step import SupervisedLoss, accumulate_gradients
 
 from conftest import load_tiny
 
@@ -144,7 +146,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, tiny_model_dir, 
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    import qlora_kit.training.recipe as train_mod
+    import qlora_kit.training.step as train_mod
 
     calls = {"n": 0}
     real = train_mod.causal_lm_loss
@@ -170,10 +172,10 @@ def test_gradient_checkpointing_auto_follows_the_memory_plan(tmp_path, tiny_mode
     import torch
 
     import qlora_kit.hardware as hardware
-    from qlora_kit.training.recipe import _gradient_checkpointing
+    from qlora_kit.training.setup import choose_gradient_checkpointing
 
     config = _config(tmp_path, tiny_model_dir, gradient_checkpointing="auto")
     cpu = torch.device("cpu")
-    assert _gradient_checkpointing(config, tiny_model_dir, 64, cpu) is False  # a tiny plan fits in RAM
+    assert choose_gradient_checkpointing(config, tiny_model_dir, 64, cpu) is False  # a tiny plan fits in RAM
     monkeypatch.setattr(hardware, "available_memory", lambda device: 1024)
-    assert _gradient_checkpointing(config, tiny_model_dir, 64, cpu) is True
+    assert choose_gradient_checkpointing(config, tiny_model_dir, 64, cpu) is True

@@ -23,13 +23,13 @@ def no_weights(monkeypatch):
     import transformers
 
     import qlora_kit.model.load
-    import qlora_kit.training.recipe
+    import qlora_kit.training.setup
 
     def refuse(*a, **k):
         raise AssertionError("model weights were loaded during validation")
 
     monkeypatch.setattr(qlora_kit.model.load, "load_model", refuse)
-    monkeypatch.setattr(qlora_kit.training.recipe, "load_model", refuse)
+    monkeypatch.setattr(qlora_kit.training.setup, "load_model", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 

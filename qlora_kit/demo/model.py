@@ -73,6 +73,12 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     return out
 
 
+def resolve_model_path(path: str) -> Path:
+    """A ``model.path`` or ``--model`` value as a checkpoint folder: ``"demo"`` names the cached
+    SmolLM2-135M-Instruct (converted on first use, see ``demo_model_path``); anything else is a local folder."""
+    return demo_model_path() if path == "demo" else Path(path)
+
+
 def demo_model_path() -> Path:
     """The converted SmolLM2-135M-Instruct folder, converting it on first use (about 30 s, 269 MB)."""
     override = os.environ.get("QLORA_KIT_DEMO_MODEL")

@@ -83,7 +83,7 @@ def sweep(model, tokenizer, examples, ranks: list[int], records: list[dict] | No
     """
     from qlora_kit.demo.task import evaluate_exact_match
     from qlora_kit.model.lora import lora_layers, set_rank
-    from qlora_kit.training.recipe import evaluate_loss
+    from qlora_kit.training.evaluate import evaluate_loss
 
     adapters = [layer.adapters[name] for _, layer in lora_layers(model) if name in layer.adapters]
     if not adapters:
@@ -186,7 +186,7 @@ def run_rank_sweep(args: argparse.Namespace) -> int:
     from qlora_kit.data.prepare import prepare_data
     from qlora_kit.data.sources import load_records
     from qlora_kit.model.load import load_model
-    from qlora_kit.training.recipe import resolve_model_path
+    from qlora_kit.demo.model import resolve_model_path  # the CLI layer's alias "demo"
 
     adapter_dir = Path(args.adapter)
     info = read_adapter(adapter_dir)  # errors for a missing or malformed adapter before any weight is loaded

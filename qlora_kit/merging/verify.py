@@ -126,18 +126,12 @@ def read_eval_examples(path: str | Path, tokenizer) -> list:
             for i, r in enumerate(records, 1)]
 
 
-@torch.no_grad()
 def eval_loss(model, examples: list) -> float:
-    """Mean cross-entropy per supervised token over ``data.Example`` s (one sequence at a time)."""
-    model.eval()
-    total, count = 0.0, 0
-    for ex in examples:
-        ids = torch.tensor([ex.input_ids])  # [1, T]
-        labels = torch.tensor(ex.labels[1:])  # [T-1]: position t predicts token t+1
-        logits = model(input_ids=ids).logits[0, :-1].float()  # [T-1, V]
-        total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum").item()
-        count += int((labels != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+    """Mean cross-entropy per supervised token over ``data.Example`` s, one sequence at a time (no padding)."""
+    from qlora_kit.training.evaluate import evaluate_loss
+
+    longest = max((len(e.input_ids) for e in examples), default=1)
+    return evaluate_loss(model, examples, batch_size=1, pad_id=0, max_seq_len=longest)
 
 
 def _other_merge_loss(plan: MergePlan, folder: Path, examples: list, progress: bool) -> tuple[str, float]:

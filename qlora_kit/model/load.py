@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from qlora_kit.config import ConfigError, QuantConfig
-from qlora_kit.hardware import choose_compute_dtype, default_device, parse_dtype
+from qlora_kit.dtypes import parse_dtype
+from qlora_kit.hardware import choose_compute_dtype, default_device
 from qlora_kit.model.attention import use_short_attention
 from qlora_kit.model.quant import is_4bit, is_8bit, logical_numel
 from qlora_kit.model.remote_code import check_remote_code

@@ -1,6 +1,6 @@
 """Refuse, before any allocation, a run the memory planner says cannot fit this machine by a wide margin.
 
-``check_fits`` plans the run (``memory.plan_memory``, from config.json alone) and compares the predicted peak
+``check_fits`` plans the run (``planning.memory.plan_memory``, from config.json alone) and compares the predicted peak
 with ``hardware.available_memory``. Only a clear misfit is refused: more than ``REFUSE_MARGIN`` (1.5) times the
 available memory. The planner is an estimate, the OS can page, and a run a little over its budget may still
 finish; a run that needs 50 times the machine (``lora.r: 1000000``) cannot, and would only die in the
@@ -13,24 +13,24 @@ from pathlib import Path
 
 import torch
 
+from qlora_kit import hardware
 from qlora_kit.config import ConfigError, TrainConfig
+from qlora_kit.dtypes import dtype_name
+from qlora_kit.planning.estimate import GiB
+from qlora_kit.optimizers import resolve_optimizer
 from qlora_kit.planning.memory import MemoryPlan, plan_memory
 
 log = logging.getLogger("qlora_kit")
 
 REFUSE_MARGIN = 1.5  # refuse when the predicted peak exceeds this multiple of the available memory
-_GIB = 2**30
 
 
 def plan_run(config: TrainConfig, model_path: Path, seq_len: int, device: torch.device, grad_checkpointing: bool,
              targets: list[str] | str = "all-linear", device_memory: float | None = None) -> MemoryPlan:
     """The memory plan of ``config`` on ``device`` at ``seq_len`` tokens per sequence (reads config.json only)."""
-    from qlora_kit.hardware import choose_compute_dtype
-
-    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(choose_compute_dtype(config.model.compute_dtype, device),
-                                                                "fp32")
+    dtype = dtype_name(hardware.choose_compute_dtype(config.model.compute_dtype, device))
     return plan_memory(str(model_path / "config.json"), seq_len=seq_len, batch=config.training.batch_size,
-                       rank=config.lora.r, targets=targets, optimizer=config.training.optimizer,
+                       rank=config.lora.r, targets=targets, optimizer=resolve_optimizer(config.training.optimizer, device.type).name,
                        grad_checkpointing=grad_checkpointing, quant=config.quant, compute_dtype=dtype,
                        device=device.type, device_memory=device_memory, offload=config.model.offload,
                        loss_chunk=config.training.loss_chunk_size)
@@ -48,8 +48,6 @@ def check_fits(config: TrainConfig, model_path: Path, seq_len: int, targets: lis
     Returns:
         The plan, or None when the planner cannot describe this architecture (then nothing is refused).
     """
-    from qlora_kit import hardware
-
     device = torch.device(config.model.device) if config.model.device else hardware.default_device()
     if device.type == "cuda" and not torch.cuda.is_available():  # a GPU config validated on another machine
         log.info("memory check skipped: model.device=%s but no CUDA device here", config.model.device)
@@ -66,8 +64,8 @@ def check_fits(config: TrainConfig, model_path: Path, seq_len: int, targets: lis
     if need <= REFUSE_MARGIN * available:
         return plan
     biggest = sorted(plan.rows, key=lambda row: row.at_peak, reverse=True)[:3]
-    items = ", ".join(f"{row.item} {row.at_peak / _GIB:.1f} GiB" for row in biggest)
-    message = (f"memory: this run needs about {need / _GIB:.1f} GiB at its peak but {available / _GIB:.1f} GiB is "
+    items = ", ".join(f"{row.item} {row.at_peak / GiB:.1f} GiB" for row in biggest)
+    message = (f"memory: this run needs about {need / GiB:.1f} GiB at its peak but {available / GiB:.1f} GiB is "
                f"available on {device.type} (refused above {REFUSE_MARGIN}x); biggest: {items}; the planner's advice: "
                f"{plan.advice}; or lower lora.r, training.batch_size or data.max_seq_len; --force (force=True) runs it anyway")
     if not force:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_kit.config import QuantConfig
-from qlora_kit.planning.memory import _DTYPE_BYTES, architecture, frozen_bytes
+from qlora_kit.dtypes import dtype_bytes
+from qlora_kit.planning.estimate import frozen_bytes
+from qlora_kit.planning.models import architecture
 
 
 @dataclass
@@ -67,7 +69,7 @@ def offload_traffic(model_or_config, mode: str, grad_checkpointing: bool = True,
     if mode not in ("cpu", "disk"):
         raise ValueError(f"offload mode {mode!r}: use cpu or disk")
     arch = architecture(model_or_config)
-    cb = _DTYPE_BYTES[compute_dtype]
+    cb = dtype_bytes(compute_dtype)
     w4, unquantized = frozen_bytes(arch, quant or QuantConfig(), cb)
     head = cb * arch.vocab * arch.hidden
     if mode == "cpu":

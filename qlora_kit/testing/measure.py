@@ -28,6 +28,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qlora_kit.dtypes import NAMES
+from qlora_kit.optimizers import OPTIMIZER_NAMES
+
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
 
 
@@ -51,8 +54,8 @@ class Measurement:
     batch: int  # sequences per step
     rank: int  # LoRA rank
     grad_checkpointing: bool  # activation checkpointing per decoder layer
-    optimizer: str  # "adamw" (torch, fp32 states) or "adamw_8bit" (bitsandbytes)
-    compute_dtype: str  # "bf16" or "fp32"
+    optimizer: str  # a name of qlora_kit.optimizers.OPTIMIZERS (paged ones fall back to unpaged on the CPU)
+    compute_dtype: str  # "bf16", "fp16" or "fp32"
     loss: str  # "hf" (model(..., labels).loss) or "chunked" (qlora_kit.training.loss.causal_lm_loss)
     steps: int  # optimizer steps run
     baseline_anon: int  # bytes: RssAnon after imports, subtracted from every figure
@@ -146,19 +149,6 @@ def _loss_fn(kind: str):
     return lambda model, ids: model(input_ids=ids, labels=ids).loss
 
 
-def make_optimizer(name: str, params, lr: float = 1e-4):
-    """torch AdamW ("adamw", fp32 states) or bitsandbytes AdamW8bit ("adamw_8bit", "paged_adamw_8bit")."""
-    if name == "adamw":
-        import torch
-
-        return torch.optim.AdamW(params, lr=lr)
-    if name in ("adamw_8bit", "paged_adamw_8bit"):
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=lr)
-    raise ValueError(f"optimizer {name!r}: use adamw or adamw_8bit")
-
-
 def train_steps(model, optimizer, ids, steps: int, loss: str) -> list[float]:
     """Run ``steps`` forward/backward/optimizer steps on the batch ``ids``; return the losses."""
     compute = _loss_fn(loss)
@@ -213,9 +203,10 @@ def _child(args: argparse.Namespace) -> Measurement:
     import transformers  # noqa: F401  (imported before the baseline on purpose)
     import bitsandbytes  # noqa: F401
 
-    from qlora_kit.config import LoraConfig
+    from qlora_kit.config import LoraConfig, TrainingConfig
     from qlora_kit.model.lora import add_lora
     from qlora_kit.model.load import load_model, model_bytes
+    from qlora_kit.training.optim import build_optimizer
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -228,7 +219,7 @@ def _child(args: argparse.Namespace) -> Measurement:
     rec.run("lora", add_lora, model, LoraConfig(r=args.rank, alpha=2 * args.rank))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(args.optimizer, params)
+    optimizer = build_optimizer(params, TrainingConfig(optimizer=args.optimizer, lr=1e-4), torch.device("cpu"))
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len))
     rec.run("train", train_steps, model, optimizer, ids, args.steps, args.loss)
     rec.sampler.stop()
@@ -252,8 +243,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--grad-checkpointing", type=lambda s: s.lower() in ("on", "true", "1"), default=True)
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit", "paged_adamw_8bit"])
-    p.add_argument("--compute-dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZER_NAMES)
+    p.add_argument("--compute-dtype", default="bf16", choices=NAMES)
     p.add_argument("--loss", default="hf", choices=["hf", "chunked"])
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)

@@ -22,6 +22,8 @@ import os
 import torch
 from torch import nn
 
+from qlora_kit.dtypes import lookup
+
 log = logging.getLogger("qlora_kit")
 
 # Seconds a collective (or the process-group rendezvous) may wait for a peer before the rank fails,
@@ -34,13 +36,9 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def fsdp_compute_dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[dtype]
-
-
 def configure_quant_for_fsdp(config, dtype: torch.dtype) -> None:
     """FSDP flattens a unit's parameters into one tensor of one dtype: store the 4-bit codes in ``dtype``."""
-    want = fsdp_compute_dtype_name(dtype)
+    want = lookup(dtype).long  # quant_storage takes torch's long names ("bfloat16")
     if config.quant.bits != 4:
         from qlora_kit.config import ConfigError
 
@@ -173,10 +171,6 @@ class _StateDictOnly:
         return self._state
 
 
-def _torch_optimizer(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
-
-
 def gathered_optimizer(step_fn: nn.Module, optimizer):
     """The optimizer whose ``state_dict()`` a checkpoint saves.
 
@@ -187,29 +181,6 @@ def gathered_optimizer(step_fn: nn.Module, optimizer):
     if not is_fsdp(step_fn):
         return optimizer
     return _StateDictOnly({"state": {}, "param_groups": [], "fsdp": "optimizer state not saved under FSDP"})
-
-
-def load_optimizer(step_fn: nn.Module, optimizer, state: dict) -> None:
-    """Load a checkpoint's optimizer state (DDP and single-process checkpoints)."""
-    optimizer.load_state_dict(state)
-
-
-@torch.no_grad()
-def evaluate_sharded(step_fn: nn.Module, examples: list, batch_size: int, pad_id: int, max_seq_len: int,
-                     device: torch.device) -> float:
-    """Mean loss per supervised token, through the FSDP-wrapped step (every rank runs every batch)."""
-    from qlora_kit.data.batching import collate
-
-    was_training = step_fn.training
-    step_fn.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id, False, max_seq_len)
-        total += step_fn(**{k: v.to(device) for k, v in batch.items()}).item()
-        count += int((batch["labels"][:, 1:] != -100).sum())
-    step_fn.train(was_training)
-    return total / max(count, 1)
 
 
 _FSDP_PREFIX = "_fsdp_wrapped_module."

@@ -52,13 +52,19 @@ def _chunks(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_si
             yield _chunk_ce(h, y, head, softcap, logit_scale, reduction)
 
 
+def supervised_count(labels: torch.Tensor) -> int:
+    """How many next-token targets a ``[b, s]`` label batch holds (``labels[:, 1:]`` not IGNORE_INDEX)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int = 1024,
                     softcap: float | None = None, logit_scale: float = 1.0) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies over the supervised positions, and how many there are.
 
     Args:
         hidden: ``[b, s, h]`` last hidden states of the decoder backbone (after its final norm).
-        labels: ``[b, s]`` unshifted token ids (HF convention: position t predicts ``labels[t + 1]``), -100 = ignore.
+        labels: ``[b, s]`` unshifted token ids (HF convention: position t predicts ``labels[t + 1]``);
+            IGNORE_INDEX marks positions that are not trained on.
         head: the LM head (``model.get_output_embeddings()``), applied to ``chunk_size`` rows at a time.
         softcap: tanh soft-capping of the logits (Gemma-2's ``final_logit_softcapping``); None disables it.
         logit_scale: multiply the logits by this before softcapping (Cohere's ``logit_scale``;

@@ -76,13 +76,3 @@ def peak_rss_mb() -> float:
     """This process's peak resident set size in MiB (includes page cache of memory-mapped weight files)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-
-def rss_anon_mb() -> float:
-    """Current anonymous resident memory in MiB (Linux), 0 where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0

@@ -1,4 +1,4 @@
-"""Optimizers (bitsandbytes paged / 8-bit AdamW, or torch AdamW) and learning-rate schedules."""
+"""Building the optimizer a config names (the table: ``qlora_kit.optimizers``) and learning-rate schedules."""
 from __future__ import annotations
 
 import logging
@@ -8,32 +8,24 @@ import warnings
 import torch
 
 from qlora_kit.config import TrainingConfig
+from qlora_kit.optimizers import optimizer_spec, resolve_optimizer
 
 log = logging.getLogger("qlora_kit")
 
-_UNPAGED = {"paged_adamw_8bit": "adamw_8bit", "paged_adamw_32bit": "adamw_32bit"}
-
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainingConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.optimizer`` names, over ``params``.
+    """The optimizer ``cfg.optimizer`` names (``qlora_kit.optimizers.OPTIMIZERS``), over ``params``.
 
-    Paged optimizers need CUDA unified memory; on a CPU they fall back to the unpaged optimizer of the same
-    precision, and the log says so once.
+    An optimizer that needs another device type (paged ones need CUDA unified memory) falls back to the row's
+    ``fallback`` (torch's fused AdamW), and the log says so once. Raises ValueError for an unknown name.
     """
-    name = cfg.optimizer
-    if name in _UNPAGED and device.type != "cuda":
-        log.info("optimizer %s: paged memory needs a CUDA GPU; using %s on %s instead", name, _UNPAGED[name], device.type)
-        name = _UNPAGED[name]
-    kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    if name == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    import bitsandbytes.optim as bnb_optim
-
-    cls = {"paged_adamw_8bit": bnb_optim.PagedAdamW8bit, "paged_adamw_32bit": bnb_optim.PagedAdamW32bit,
-           "adamw_8bit": bnb_optim.AdamW8bit, "adamw_32bit": bnb_optim.AdamW32bit}[name]
+    spec = resolve_optimizer(cfg.optimizer, device.type)
+    if spec is not optimizer_spec(cfg.optimizer):
+        log.info("optimizer %s: paged memory needs a CUDA GPU; using %s (torch, fused) on %s instead", cfg.optimizer,
+                 spec.name, device.type)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
-        return cls(params, **kwargs)
+        return spec.factory(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainingConfig) -> float:

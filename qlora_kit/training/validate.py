@@ -26,7 +26,7 @@ class ValidationReport:
     """What ``validate_run`` checked and found; ``train()`` reuses the tokenizer and the prepared data."""
 
     config: TrainConfig
-    model_path: Path  # the resolved checkpoint folder
+    model_path: Path  # the checkpoint folder (config.model.path; the CLI resolved "demo" when it loaded the config)
     model_type: str  # config.json's model_type
     targets: list[str] | None  # full names of the layers LoRA will wrap (None: architecture not buildable here)
     stats: DataStats  # counts and token lengths of the prepared data
@@ -123,10 +123,9 @@ def validate_run(config: TrainConfig, tokenizer=None, force: bool = False) -> Va
         ConfigError or DataError naming the file, line or key, and the fix.
     """
     from qlora_kit.model.load import check_model_path
-    from qlora_kit.training.recipe import resolve_model_path
 
     config.validate()
-    model_path = resolve_model_path(config.model.path)
+    model_path = Path(config.model.path)
     hf_config = check_model_path(model_path, config.model.trust_remote_code)
     targets = check_targets(model_path, config)
     if tokenizer is None:
