@@ -338,7 +338,7 @@ class TrainingConfig:
     objective: str = "sft"  # "sft" (next-token loss on the responses), or on preference data (chosen/rejected): "dpo" (against the base without adapters as reference) or "orpo" (no reference)
     dpo_beta: float = ranged(0.1, "(0, inf)")  # DPO: how strongly the policy is held near the reference; rewards are dpo_beta * (policy - reference) log-probs
     dpo_loss: str = "sigmoid"  # DPO loss on the reward margin: "sigmoid" (DPO), "ipo" (IPO, on token-normalised log-ratios) or "hinge" (SLiC)
-    label_smoothing: float = ranged(0.0, "[0, 0.5)")  # DPO sigmoid: assumed fraction of flipped preference labels (conservative DPO); 0 is plain DPO
+    label_smoothing: float = ranged(0.0, "[0, 0.5)")  # DPO sigmoid: assumed fraction of flipped preference labels (conservative DPO); 0 is plain DPO; ignored by ipo/hinge
     orpo_lambda: float = ranged(0.1, "(0, inf)")  # ORPO: weight of the odds-ratio term added to the NLL of the chosen responses
 
     def validate(self, where: str = "training") -> None:
@@ -355,12 +355,9 @@ class TrainingConfig:
             raise ConfigError(f"{where}.on_nonfinite: {self.on_nonfinite!r}; use stop, skip or rollback")
         if self.distributed not in ("ddp", "fsdp"):
             raise ConfigError(f"{where}.distributed: {self.distributed!r}; use ddp or fsdp")
-        if self.objective not in ("sft", "dpo", "orpo"):
-            raise ConfigError(f"{where}.objective: {self.objective!r}; use sft, dpo or orpo")
-        if self.dpo_loss not in ("sigmoid", "ipo", "hinge"):
-            raise ConfigError(f"{where}.dpo_loss: {self.dpo_loss!r}; use sigmoid, ipo or hinge")
-        if self.label_smoothing and self.dpo_loss != "sigmoid":
-            raise ConfigError(f"{where}.label_smoothing applies to dpo_loss=sigmoid only; set it to 0")
+        for key, choices in (("objective", ("sft", "dpo", "orpo")), ("dpo_loss", ("sigmoid", "ipo", "hinge"))):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{where}.{key}: {getattr(self, key)!r}; use {', '.join(choices)}")
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError(f"{where}: set epochs > 0 or max_steps > 0")
 
@@ -384,9 +381,6 @@ class TrainConfig:
             raise ConfigError("model.path: required (a local checkpoint folder, or 'demo')")
         if not self.data.train_file:
             raise ConfigError("data.train_file: required (a JSONL, JSON, CSV or Parquet file)")
-        if self.training.objective != "sft" and self.data.packing:
-            raise ConfigError(f"data.packing: training.objective={self.training.objective} compares whole sequences "
-                              "(chosen vs rejected), which packing would merge; set data.packing=false")
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -1,6 +1,9 @@
 """DPO and ORPO (training/objectives.py) against TRL's own loss code, the reference-is-the-base identity, and
 gradient accumulation. Tiny 4-bit model, fp32 compute: tolerances are fp32 round-off."""
+import json
 import math
+import os
+import signal
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -209,3 +212,71 @@ def test_accumulated_micro_batches_equal_one_big_batch(setup, objective, loss_ty
     _assert_same_grads(grads, _grads(model))
     for k, v in stats.means().items():
         assert acc.means()[k] == pytest.approx(v, rel=1e-5, abs=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# In the recipe: qlora-kit train with training.objective dpo / orpo
+
+
+def _preference_config(tmp_path, model_dir, objective, **training):
+    from qlora_kit.config import load_train_config
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    words = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "robot"]
+    rows = [{"prompt": f"Spell {w}.", "chosen": w.upper(), "rejected": w} for w in words * 2]
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = [f"model.path={model_dir}", f"data.train_file={data}", "data.eval_fraction=0.25",
+                 "data.max_seq_len=64", "model.compute_dtype=fp32", "model.device=cpu", "lora.r=4", "lora.alpha=8",
+                 f"training.output_dir={tmp_path / 'run'}", "training.batch_size=2", "training.grad_accum=2",
+                 "training.optimizer=adamw", "training.lr=5e-3", "training.gradient_checkpointing=off",
+                 f"training.objective={objective}"]
+    return load_train_config(None, overrides + [f"training.{k}={v}" for k, v in training.items()])
+
+
+def _interrupt_at(monkeypatch, step):
+    """Deliver SIGINT to ourselves right after optimizer step ``step`` is logged."""
+    from qlora_kit.training import metrics
+
+    original = metrics.MetricsLog.write
+
+    def write(self, record):
+        original(self, record)
+        if record.get("step") == step and "loss" in record:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(metrics.MetricsLog, "write", write)
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_train_runs_the_objective_and_logs_pair_metrics(tmp_path, tiny_model_dir, objective):
+    from qlora_kit.training.recipe import train
+
+    result = train(_preference_config(tmp_path, tiny_model_dir, objective, max_steps=3, eval_every=3),
+                   progress=False)
+    assert result.status == "completed" and (result.adapter_dir / "adapter_model.safetensors").is_file()
+    lines = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    evals = [r for r in lines if "eval_loss" in r]
+    for key in ("reward_chosen", "reward_rejected", "reward_margin", "pref_accuracy"):
+        assert all(key in r for r in steps) and f"eval_{key}" in evals[-1]
+    if objective == "dpo":  # step 1 starts at the base (B = 0): loss ln 2, rewards 0
+        assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert steps[0]["reward_chosen"] == 0 and steps[0]["pref_accuracy"] == 0
+        assert steps[-1]["loss"] < math.log(2)
+
+
+def test_interrupted_and_resumed_dpo_run_is_bit_identical(tmp_path, tiny_model_dir, monkeypatch):
+    from qlora_kit.training.recipe import train
+
+    steps = dict(max_steps=4, save_every=2)
+    straight = train(_preference_config(tmp_path / "a", tiny_model_dir, "dpo", **steps), progress=False)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)
+        stopped = train(_preference_config(tmp_path / "b", tiny_model_dir, "dpo", **steps), progress=False)
+    assert stopped.status == "interrupted" and stopped.steps == 3
+    resumed = train(_preference_config(tmp_path / "b", tiny_model_dir, "dpo", **steps), resume=True, progress=False)
+    assert resumed.steps == 4
+    a = (straight.adapter_dir / "adapter_model.safetensors").read_bytes()
+    b = (resumed.adapter_dir / "adapter_model.safetensors").read_bytes()
+    assert a == b

@@ -11,6 +11,7 @@ from qlora_kit.data.preference import PreferenceExample
 from qlora_kit.data.prepare import prepare_data
 from qlora_kit.data.tokenize import tokenize_example
 from qlora_kit.testing.tiny import build_tokenizer
+from qlora_kit.training.validate import check_objective
 
 
 @pytest.fixture(scope="module")
@@ -159,12 +160,18 @@ def test_eval_file_of_another_kind_is_an_error(tmp_path, tok):
                      eval_records=[{"prompt": "p", "completion": "a"}])
 
 
-def test_packing_is_refused_for_preference_objectives():
+def test_objective_must_fit_the_data(tok):
+    pairs = _pairs(tok, [{"prompt": "p", "chosen": "a", "rejected": "b"}])
     cfg = TrainConfig()
-    cfg.model.path, cfg.data.train_file, cfg.data.packing = "m", "d.jsonl", True
+    with pytest.raises(ConfigError, match=r"objective=sft, but data.train_file holds preference records"):
+        check_objective(cfg, pairs)
     cfg.training.objective = "dpo"
+    assert check_objective(cfg, pairs)
+    with pytest.raises(ConfigError, match=r"objective=dpo, but data.train_file holds single-response records"):
+        check_objective(cfg, [pairs[0].chosen])
+    cfg.data.packing = True
     with pytest.raises(ConfigError, match="data.packing: training.objective=dpo"):
-        cfg.validate()
+        check_objective(cfg, pairs)
 
 
 # --------------------------------------------------------------------------- split and cache

@@ -137,3 +137,42 @@ def preference_loss(model: nn.Module, batch: dict, tc: TrainingConfig, totals: S
         nll = -policy.chunk(2)[0].sum() / max(totals.chosen_tokens, 1)
         return nll - tc.orpo_lambda * ratio.sum() / max(totals.pairs, 1), _stats(rewards)
     raise ValueError(f"preference_loss needs training.objective dpo or orpo, got {tc.objective!r}")
+
+
+class PreferenceLoss(nn.Module):
+    """The model plus a preference loss as one module (as ``step.SupervisedLoss``), so DDP wraps the whole step.
+
+    ``begin_step`` takes the step's collated micro-batches (every rank's) and fixes the totals each
+    micro-batch's loss is divided by; ``forward`` returns that already-normalised share and adds the batch's
+    pair statistics to ``stats``.
+    """
+
+    def __init__(self, model: nn.Module, tc: TrainingConfig):
+        super().__init__()
+        self.model, self.tc = model, tc
+        self.totals = StepTotals(1, 1)  # of the current step, set by begin_step
+        self.stats = PairStats()  # of the current step on this rank
+
+    def begin_step(self, batches: list[dict]) -> None:
+        """Start a step over these micro-batches (all ranks'): fix its totals, reset the statistics."""
+        self.totals, self.stats = StepTotals.of(batches), PairStats()
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's share of the step's preference loss (0-dim)."""
+        loss, stats = preference_loss(self.model, batch, self.tc, self.totals)
+        self.stats = self.stats.add(stats)
+        return loss
+
+
+@torch.no_grad()
+def evaluate_preference(model: nn.Module, batches: list[dict], tc: TrainingConfig) -> dict[str, float]:
+    """``eval_loss`` (the objective's loss over all the pairs) and the ``PairStats.means`` of collated pair
+    batches, in eval mode (restored after)."""
+    was_training = model.training
+    model.eval()
+    totals, stats, loss = StepTotals.of(batches), PairStats(), 0.0
+    for batch in batches:
+        part, s = preference_loss(model, batch, tc, totals)
+        loss, stats = loss + part.item(), stats.add(s)
+    model.train(was_training)
+    return {"eval_loss": loss, **{f"eval_{k}": v for k, v in stats.means().items()}}
