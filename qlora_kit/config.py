@@ -306,7 +306,8 @@ class DataConfig:
         """Raise ConfigError for a wrongly typed, out-of-range or unknown setting."""
         check_fields(self, where)
         if self.format not in ("auto", "alpaca", "chat", "prompt_completion", "text", "preference"):
-            raise ConfigError(f"{where}.format: {self.format!r}; use auto, alpaca, chat, prompt_completion, text or preference")
+            raise ConfigError(f"{where}.format: {self.format!r}; use auto, alpaca, chat, prompt_completion, text "
+                              "or preference")
 
 
 @dataclass

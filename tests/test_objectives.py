@@ -269,7 +269,7 @@ def test_train_runs_the_objective_and_logs_pair_metrics(tmp_path, tiny_model_dir
 def test_interrupted_and_resumed_dpo_run_is_bit_identical(tmp_path, tiny_model_dir, monkeypatch):
     from qlora_kit.training.recipe import train
 
-    steps = dict(max_steps=4, save_every=2)
+    steps = {"max_steps": 4, "save_every": 2}
     straight = train(_preference_config(tmp_path / "a", tiny_model_dir, "dpo", **steps), progress=False)
     with monkeypatch.context() as m:
         _interrupt_at(m, 3)

@@ -56,7 +56,8 @@ def make_batches(examples: Prepared, batch_size: int, cfg: DataConfig, seed: int
       the members of ``batch_size`` rows, row after row, and ``collate(..., packing=True)`` rebuilds them.
     - ``cfg.group_by_length``: shuffled, then sorted by length inside mega-chunks of ``50 * batch_size``;
       the batches are shuffled again.
-    - otherwise a plain shuffle. The last batch may be smaller. A preference pair counts as its two sides' tokens. ``stats.padding_fraction`` is filled in if given.
+    - otherwise a plain shuffle. The last batch may be smaller.
+    A preference pair's length is its two sides' tokens together. ``stats.padding_fraction`` is filled in if given.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     lengths = [n_tokens(e) for e in examples]

@@ -110,9 +110,9 @@ def check_objective(config: TrainConfig, train_set: list) -> bool:
     single examples, dpo/orpo on pairs without packing or FSDP)."""
     tc, paired = config.training, bool(train_set) and isinstance(train_set[0], PreferenceExample)
     if paired != (tc.objective != "sft"):
-        kind = "preference records (chosen/rejected)" if paired else "single-response records"
-        raise ConfigError(f"training.objective={tc.objective}, but data.train_file holds {kind}; use "
-                          f"{'dpo or orpo' if paired else 'sft'}, or preference data for dpo/orpo")
+        fix = ("preference records (chosen/rejected); set training.objective to dpo or orpo" if paired else
+               "single-response records; give prompt/chosen/rejected records or set training.objective=sft")
+        raise ConfigError(f"training.objective={tc.objective}, but data.train_file holds {fix}")
     if paired and config.data.packing:
         raise ConfigError(f"data.packing: training.objective={tc.objective} compares whole sequences (chosen vs "
                           "rejected), which packing would merge; set data.packing=false")
