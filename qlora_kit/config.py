@@ -232,7 +232,7 @@ class DataConfig:
     train_file: str = ""  # JSONL, JSON, CSV or Parquet file of training records
     eval_file: str = ""  # validation records; empty holds out eval_fraction of train_file instead
     eval_fraction: float = ranged(0.0, "[0, 1)")  # fraction of train_file held out for validation when eval_file is empty
-    format: str = "auto"  # "alpaca", "chat", "prompt_completion", "text", or "auto" (from the first record's fields)
+    format: str = "auto"  # "alpaca", "chat", "prompt_completion", "text", "preference" (chosen/rejected pairs), or "auto" (from the first record's fields)
     max_seq_len: int = ranged(512, "[8, 16_777_216]")  # longer examples are truncated (and dropped if no supervised token is left)
     train_on_prompt: bool = False  # also train on prompt/system/user tokens (default: responses only)
     packing: bool = False  # pack several examples into one sequence (no attention across them)
@@ -244,8 +244,9 @@ class DataConfig:
     def validate(self, where: str = "data") -> None:
         """Raise ConfigError for a wrongly typed, out-of-range or unknown setting."""
         check_fields(self, where)
-        if self.format not in ("auto", "alpaca", "chat", "prompt_completion", "text"):
-            raise ConfigError(f"{where}.format: {self.format!r}; use auto, alpaca, chat, prompt_completion or text")
+        if self.format not in ("auto", "alpaca", "chat", "prompt_completion", "text", "preference"):
+            raise ConfigError(f"{where}.format: {self.format!r}; use auto, alpaca, chat, prompt_completion, text "
+                              "or preference")
 
 
 @dataclass
@@ -274,6 +275,11 @@ class TrainingConfig:
     log_every: int = ranged(1, "[1, 1_000_000_000]")  # write a metrics.jsonl line every N steps
     loss_chunk_size: int = ranged(1024, "[1, 16_777_216]")  # supervised positions per chunk of the vocabulary projection in the loss
     distributed: str = "ddp"  # with several processes (accelerate launch / torchrun): "ddp" (replicate the 4-bit base) or "fsdp" (shard it; FSDP-QLoRA)
+    objective: str = "sft"  # "sft" (next-token loss on the responses), or on preference data (chosen/rejected): "dpo" (against the base without adapters as reference) or "orpo" (no reference)
+    dpo_beta: float = ranged(0.1, "(0, inf)")  # DPO: how strongly the policy is held near the reference; rewards are dpo_beta * (policy - reference) log-probs
+    dpo_loss: str = "sigmoid"  # DPO loss on the reward margin: "sigmoid" (DPO), "ipo" (IPO, on token-normalised log-ratios) or "hinge" (SLiC)
+    label_smoothing: float = ranged(0.0, "[0, 0.5)")  # DPO sigmoid: assumed fraction of flipped preference labels (conservative DPO); 0 is plain DPO; ignored by ipo/hinge
+    orpo_lambda: float = ranged(0.1, "(0, inf)")  # ORPO: weight of the odds-ratio term added to the NLL of the chosen responses
 
     def validate(self, where: str = "training") -> None:
         """Raise ConfigError for a wrongly typed, out-of-range or unknown setting."""
@@ -289,6 +295,9 @@ class TrainingConfig:
             raise ConfigError(f"{where}.on_nonfinite: {self.on_nonfinite!r}; use stop, skip or rollback")
         if self.distributed not in ("ddp", "fsdp"):
             raise ConfigError(f"{where}.distributed: {self.distributed!r}; use ddp or fsdp")
+        for key, choices in (("objective", ("sft", "dpo", "orpo")), ("dpo_loss", ("sigmoid", "ipo", "hinge"))):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{where}.{key}: {getattr(self, key)!r}; use {', '.join(choices)}")
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError(f"{where}: set epochs > 0 or max_steps > 0")
 

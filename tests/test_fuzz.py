@@ -13,6 +13,7 @@ from qlora_kit.config import (ConfigError, DataConfig, LoraConfig, ModelConfig, 
                               TrainingConfig, from_dict, load_train_config, to_dict)
 from qlora_kit.data import DataError
 from qlora_kit.data.formats import FORMATS
+from qlora_kit.data.preference import PreferenceExample
 from qlora_kit.data.prepare import prepare_data
 from qlora_kit.testing.tiny import build_tokenizer
 
@@ -86,7 +87,8 @@ messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "ass
                                            "content": wild_texts | values}) | values, max_size=4)
 field_values = wild_texts | values | messages
 records = st.dictionaries(record_fields, field_values, max_size=4) | values
-data_configs = st.builds(DataConfig, format=st.sampled_from(["auto", "alpaca", "chat", "prompt_completion", "text"]),
+data_configs = st.builds(DataConfig, format=st.sampled_from(["auto", "alpaca", "chat", "prompt_completion", "text",
+                                                            "preference"]),
                          max_seq_len=st.integers(8, 48), train_on_prompt=st.booleans(),
                          system_prompt=st.sampled_from(["", "Be brief."]))
 
@@ -98,6 +100,7 @@ def _prepare(cfg, tokenizer, **kwargs):
         assert str(e)
         return
     assert train and stats.examples == len(train)
+    train = [x for e in train for x in ((e.chosen, e.rejected) if isinstance(e, PreferenceExample) else (e,))]
     assert all(len(e.input_ids) == len(e.labels) <= cfg.max_seq_len for e in train)
     assert all(any(y != -100 for y in e.labels[1:]) for e in train)  # every kept example trains something
 
@@ -113,6 +116,7 @@ valid_record = st.sampled_from([
     {"prompt": "2+2=", "completion": "4"},
     {"text": "The quick brown fox."},
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
 ])
 lines = (valid_record.map(json.dumps) | records.map(lambda r: json.dumps(r, default=str))
          | st.text(max_size=40) | st.sampled_from(["", "{", "[]", "null", "NaN", '{"text": "\\ud800"}', "\ufeff{}"]))

@@ -9,7 +9,8 @@ import torch
 
 from qlora_kit.config import DataConfig
 from qlora_kit.data import IGNORE_INDEX
-from qlora_kit.data.prepare import DataStats
+from qlora_kit.data.preference import PreferenceExample, n_tokens
+from qlora_kit.data.prepare import DataStats, Prepared
 from qlora_kit.data.tokenize import Example
 
 log = logging.getLogger("qlora_kit")
@@ -47,7 +48,7 @@ def _next_fit(lengths: list[int], max_len: int) -> list[list[int]]:
     return rows
 
 
-def make_batches(examples: list[Example], batch_size: int, cfg: DataConfig, seed: int, epoch: int,
+def make_batches(examples: Prepared, batch_size: int, cfg: DataConfig, seed: int, epoch: int,
                  stats: DataStats | None = None) -> list[list[int]]:
     """One epoch's micro-batches as lists of indices into ``examples``, fixed by ``(seed, epoch)``.
 
@@ -55,10 +56,11 @@ def make_batches(examples: list[Example], batch_size: int, cfg: DataConfig, seed
       the members of ``batch_size`` rows, row after row, and ``collate(..., packing=True)`` rebuilds them.
     - ``cfg.group_by_length``: shuffled, then sorted by length inside mega-chunks of ``50 * batch_size``;
       the batches are shuffled again.
-    - otherwise a plain shuffle. The last batch may be smaller. ``stats.padding_fraction`` is filled in if given.
+    - otherwise a plain shuffle. The last batch may be smaller.
+    A preference pair's length is its two sides' tokens together. ``stats.padding_fraction`` is filled in if given.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
-    lengths = [len(e.input_ids) for e in examples]
+    lengths = [n_tokens(e) for e in examples]
     if cfg.packing:
         rows = _pack_rows(lengths, cfg.max_seq_len)
         rng.shuffle(rows)
@@ -79,11 +81,11 @@ def make_batches(examples: list[Example], batch_size: int, cfg: DataConfig, seed
     return batches
 
 
-def padding_fraction(examples: list[Example], batches: list[list[int]], packing: bool, max_seq_len: int) -> float:
+def padding_fraction(examples: Prepared, batches: list[list[int]], packing: bool, max_seq_len: int) -> float:
     """Padded slots / all slots of the tensors ``collate`` would build for ``batches``."""
     real = slots = 0
     for batch in batches:
-        lengths = [len(examples[i].input_ids) for i in batch]
+        lengths = [n_tokens(examples[i]) for i in batch]
         rows = [sum(lengths[j] for j in r) for r in _next_fit(lengths, max_seq_len)] if packing else lengths
         real += sum(rows)
         slots += len(rows) * max(rows, default=0)
@@ -119,3 +121,9 @@ def collate(examples: list[Example], pad_id: int, packing: bool, max_seq_len: in
     if packing:
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collate_pairs(pairs: list[PreferenceExample], pad_id: int, max_seq_len: int) -> dict[str, torch.Tensor]:
+    """``collate`` of the chosen sides then the rejected sides of ``pairs`` (never packed): ``[2b, s]`` tensors
+    whose rows ``[0, b)`` are chosen and ``[b, 2b)`` rejected, so a pair goes through one forward."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, False, max_seq_len)

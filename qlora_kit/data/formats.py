@@ -3,7 +3,10 @@
 - ``alpaca``: ``instruction``, optional ``input``, ``output``;
 - ``chat``: ``messages``, a list of ``{"role", "content"}``; every assistant turn is trained;
 - ``prompt_completion``: ``prompt``, ``completion``;
-- ``text``: ``text``, every token trained.
+- ``text``: ``text``, every token trained;
+- ``preference``: ``chosen`` and ``rejected`` (strings or message lists) after an optional ``prompt`` (string or
+  messages); it renders to a ``Pair`` of two conversations and trains with ``training.objective: dpo | orpo``
+  (``data.preference`` checks and tokenizes the pair).
 
 A format's render function turns its checked fields into a ``Chat`` (messages for the chat template) or a
 ``Plain`` text (the text format); ``tokenize`` turns either into tokens and masks. alpaca and
@@ -28,6 +31,7 @@ class Chat:
     """A conversation rendered by the tokenizer's chat template; every assistant turn is trained."""
 
     messages: list[dict]  # {"role", "content"} dicts in order, at least one
+    trained_from: int = 0  # assistant turns before this message index are context, not trained (preference prompts)
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,14 @@ class Plain:
 
 
 Rendered = Chat | Plain
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A preference record: the same prompt with a chosen and a rejected response; only the responses train."""
+
+    chosen: Rendered  # prompt + the preferred response
+    rejected: Rendered  # prompt + the dispreferred response
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +99,13 @@ def read_messages(value: Any, name: str, where: str, tokenizer: Any) -> list[dic
     return out
 
 
+def read_text_or_messages(value: Any, name: str, where: str, tokenizer: Any) -> str | list[dict]:
+    """A string, or a list of messages (``read_messages``); raises DataError for anything else."""
+    if isinstance(value, list):
+        return read_messages(value, name, where, tokenizer)
+    return read_text(value, name, where, tokenizer)
+
+
 # ---------------------------------------------------------------------------------------------
 # Render functions: checked fields, tokenizer, options -> Chat or Plain
 
@@ -117,6 +136,35 @@ def render_text(fields: dict, tokenizer: Any, cfg: DataConfig) -> Rendered:
     return Plain(fields["text"])
 
 
+def shared_prefix(a: list[dict], b: list[dict]) -> int:
+    """How many leading messages two conversations have in common."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _preference_side(prompt: str | list[dict], response: str | list[dict], tokenizer: Any,
+                     cfg: DataConfig) -> Rendered:
+    """One side of a pair: a string prompt and reply as prompt_completion renders them, or the prompt's messages
+    (a string prompt as a user turn) followed by the response (a string as one assistant turn)."""
+    if isinstance(prompt, str) and isinstance(response, str):
+        return render_prompt_completion({"prompt": prompt, "completion": response}, tokenizer, cfg)
+    context = prompt if isinstance(prompt, list) else _user_turn(prompt, "").messages[:-1]
+    reply = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
+    return Chat(context + reply, trained_from=len(context))
+
+
+def render_preference(fields: dict, tokenizer: Any, cfg: DataConfig) -> Pair:
+    """Both sides of a preference record. Without a prompt, chosen and rejected are conversations whose shared
+    leading messages are the prompt (``data.preference.check_pair`` has checked that they share some)."""
+    prompt, chosen, rejected = fields["prompt"], fields["chosen"], fields["rejected"]
+    if not prompt:
+        k = shared_prefix(chosen, rejected)
+        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+    return Pair(_preference_side(prompt, chosen, tokenizer, cfg), _preference_side(prompt, rejected, tokenizer, cfg))
+
+
 # ---------------------------------------------------------------------------------------------
 # The table
 
@@ -136,7 +184,8 @@ class Format:
 
     fields: tuple[Field, ...]  # checked in this order
     detect: dict[str, int]  # keys that identify the format -> rank; across formats the lowest present rank wins
-    render: Callable[[dict, Any, DataConfig], Rendered]  # (checked fields, tokenizer, options) -> Chat or Plain
+    render: Callable[[dict, Any, DataConfig], Rendered | Pair]  # (checked fields, tokenizer, options) -> Chat/Plain/Pair
+    paired: bool = False  # renders to a Pair (chosen vs rejected): tokenized by data.preference, trained by dpo/orpo
 
     @property
     def required(self) -> tuple[str, ...]:
@@ -151,11 +200,14 @@ FORMATS: dict[str, Format] = {
     "prompt_completion": Format((Field("prompt", read_text), Field("completion", read_text)),
                                 {"prompt": 2, "completion": 3}, render_prompt_completion),
     "text": Format((Field("text", read_text),), {"text": 4}, render_text),
+    "preference": Format((Field("prompt", read_text_or_messages, required=False),
+                          Field("chosen", read_text_or_messages), Field("rejected", read_text_or_messages)),
+                         {"chosen": -1, "rejected": -1}, render_preference, paired=True),
 }
 
 
 def format_names() -> str:
-    """The known formats for messages: ``alpaca, chat, prompt_completion or text``."""
+    """The known formats for messages: ``alpaca, chat, prompt_completion, text or preference``."""
     names = list(FORMATS)
     return f"{', '.join(names[:-1])} or {names[-1]}"
 
@@ -188,7 +240,7 @@ def read_fields(record: dict, name: str, tokenizer: Any, where: str) -> dict:
     return out
 
 
-def render(record: dict, name: str, tokenizer: Any, cfg: DataConfig, where: str) -> Rendered:
+def render(record: dict, name: str, tokenizer: Any, cfg: DataConfig, where: str) -> Rendered | Pair:
     """Check one record's fields against format ``name`` and render it.
 
     Raises DataError for an unknown format (naming the known ones) or a missing or wrongly typed field

@@ -45,8 +45,9 @@ def _apply_template(tokenizer: Any, messages: list[dict], where: str, generation
         raise DataError(f"{where}: the tokenizer's chat template rejected the messages ({e})") from None
 
 
-def _chat_spans(tokenizer: Any, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of every assistant turn.
+def _chat_spans(tokenizer: Any, messages: list[dict], where: str, trained_from: int = 0
+                ) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of every assistant turn from ``trained_from`` on.
 
     Each turn's span runs from the end of the prefix rendered with the generation prompt to the end of the
     prefix that includes the turn, so it covers the reply and the template's end-of-turn text.
@@ -54,7 +55,7 @@ def _chat_spans(tokenizer: Any, messages: list[dict], where: str) -> tuple[str, 
     full = _apply_template(tokenizer, messages, where)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < trained_from:
             continue
         start = _apply_template(tokenizer, messages[:i], where, generation_prompt=True)
         end = _apply_template(tokenizer, messages[: i + 1], where)
@@ -72,7 +73,7 @@ def to_text(rendered: Rendered, tokenizer: Any, where: str) -> Text:
     Raises DataError when the template rejects the messages or is not prefix-stable.
     """
     if isinstance(rendered, Chat):
-        text, spans = _chat_spans(tokenizer, rendered.messages, where)
+        text, spans = _chat_spans(tokenizer, rendered.messages, where, rendered.trained_from)
         return Text(text, spans, True, rendered.messages[-1]["role"] == "assistant")
     return Text(rendered.text, [(0, len(rendered.text))], False, True)
 
@@ -122,13 +123,19 @@ def tokenize_example(record: dict, fmt: str, tokenizer: Any, cfg: DataConfig, wh
     record or an unknown ``cfg.chat_template``.
     """
     prompt_contract(tokenizer, cfg)
-    r = to_text(render(record, fmt, tokenizer, cfg, where), tokenizer, where)
+    return tokenize_text(to_text(render(record, fmt, tokenizer, cfg, where), tokenizer, where), tokenizer,
+                         cfg.train_on_prompt)
+
+
+def tokenize_text(r: Text, tokenizer: Any, train_on_prompt: bool = False) -> Example:
+    """Token ids of ``r.text`` with labels on its spans (everything when ``train_on_prompt``); a final reply
+    that lacks the EOS gets one appended, supervised."""
     eos = tokenizer.eos_token_id
     ids, token_spans = _token_spans(tokenizer, r.text, r.spans, add_special=not r.templated)
     labels = _mask(ids, token_spans, eos)
     if eos is not None and r.ends_with_reply and eos not in ids[slice(*token_spans[-1])]:
         ids, labels = ids + [eos], labels + [eos]
-    if cfg.train_on_prompt:
+    if train_on_prompt:
         labels = list(ids)
     return Example(input_ids=ids, labels=labels)
 
@@ -146,7 +153,8 @@ class TokenizedSource:
     counts: dict = field(default_factory=dict)  # records, truncated, dropped
 
 
-def _truncate(ex: Example, max_len: int) -> tuple[Example, bool]:
+def truncate(ex: Example, max_len: int) -> tuple[Example, bool]:
+    """``ex`` cut to its first ``max_len`` tokens, and whether it was cut."""
     if len(ex.input_ids) <= max_len:
         return ex, False
     return Example(ex.input_ids[:max_len], ex.labels[:max_len]), True
@@ -157,7 +165,7 @@ def tokenize_source(rows: list[Row], fmt: str, tokenizer: Any, cfg: DataConfig) 
     supervised token. Raises DataError at the first malformed record."""
     out = TokenizedSource([], [], {"records": len(rows), "truncated": 0, "dropped": 0})
     for i, (where, record) in enumerate(rows):
-        ex, cut = _truncate(tokenize_example(record, fmt, tokenizer, cfg, where), cfg.max_seq_len)
+        ex, cut = truncate(tokenize_example(record, fmt, tokenizer, cfg, where), cfg.max_seq_len)
         out.counts["truncated"] += cut
         if n_supervised(ex.labels) == 0:
             out.counts["dropped"] += 1

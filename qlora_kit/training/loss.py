@@ -7,6 +7,8 @@ label go through the head, ``chunk_size`` rows at a time, each chunk under activ
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,14 +18,38 @@ from qlora_kit.data import IGNORE_INDEX
 
 
 def _chunk_ce(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None,
-              logit_scale: float) -> torch.Tensor:
-    """Summed CE of one chunk: hidden ``[n, h]``, targets ``[n]`` -> 0-dim fp32."""
+              logit_scale: float, reduction: str = "sum") -> torch.Tensor:
+    """CE of one chunk: hidden ``[n, h]``, targets ``[n]`` -> 0-dim (``"sum"``) or ``[n]`` (``"none"``) fp32."""
     logits = head(hidden).float()  # [n, V]
     if logit_scale != 1.0:
         logits = logits * logit_scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction=reduction)
+
+
+def _supervised_rows(hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden rows ``[n, h]`` that predict a label, their targets ``[n]`` and the mask ``[b, s-1]`` choosing them."""
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on [batch, seq]")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    targets = labels[:, 1:]  # [b, s-1]
+    mask = targets != IGNORE_INDEX  # [b, s-1]
+    return hidden[:, :-1][mask], targets[mask].to(torch.long), mask  # [n, h], [n], [b, s-1]
+
+
+def _chunks(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int, softcap: float | None,
+            logit_scale: float, reduction: str) -> Iterator[torch.Tensor]:
+    """``_chunk_ce`` over ``chunk_size`` rows at a time, each under activation checkpointing when grads are on."""
+    use_checkpoint = torch.is_grad_enabled()
+    for start in range(0, len(rows), chunk_size):
+        h, y = rows[start:start + chunk_size], targets[start:start + chunk_size]  # [c, h], [c]
+        if use_checkpoint:
+            yield checkpoint(_chunk_ce, h, y, head, softcap, logit_scale, reduction, use_reentrant=False)
+        else:
+            yield _chunk_ce(h, y, head, softcap, logit_scale, reduction)
 
 
 def supervised_count(labels: torch.Tensor) -> int:
@@ -49,27 +75,27 @@ def supervised_loss(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module,
     Raises:
         ValueError if the shapes disagree or ``chunk_size`` < 1.
     """
-    if hidden.shape[:2] != labels.shape:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on [batch, seq]")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    targets = labels[:, 1:]  # [b, s-1]
-    mask = targets != IGNORE_INDEX  # [b, s-1]
-    n = int(mask.sum())
+    rows, targets, _ = _supervised_rows(hidden, labels, chunk_size)
+    n = len(targets)
     if n == 0:
         return hidden[:, :0].float().sum(), 0  # exact 0, still connected to the graph
-    rows = hidden[:, :-1][mask]  # [n, h]
-    targets = targets[mask].to(torch.long)  # [n]
     total = hidden.new_zeros((), dtype=torch.float32)
-    use_checkpoint = torch.is_grad_enabled()
-    for start in range(0, n, chunk_size):
-        h, y = rows[start:start + chunk_size], targets[start:start + chunk_size]  # [c, h], [c]
-        if use_checkpoint:
-            part = checkpoint(_chunk_ce, h, y, head, softcap, logit_scale, use_reentrant=False)
-        else:
-            part = _chunk_ce(h, y, head, softcap, logit_scale)
+    for part in _chunks(rows, targets, head, chunk_size, softcap, logit_scale, "sum"):
         total = total + part
     return total, n
+
+
+def token_log_probs(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk_size: int = 1024,
+                    softcap: float | None = None, logit_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every supervised next token, chunked as ``supervised_loss`` is.
+
+    Same arguments as ``supervised_loss``. Returns ``(logps, mask)``: ``logps`` ``[n]`` fp32 in row-major
+    order of the positions ``mask`` ``[b, s-1]`` selects (position t of ``mask`` is label t + 1).
+    """
+    rows, targets, mask = _supervised_rows(hidden, labels, chunk_size)
+    if len(targets) == 0:
+        return hidden[:, :0].float().sum(dim=(0, 1))[:0], mask  # [0], still connected to the graph
+    return -torch.cat(list(_chunks(rows, targets, head, chunk_size, softcap, logit_scale, "none"))), mask
 
 
 def _logit_transform(config) -> tuple[float | None, float]:
@@ -82,17 +108,29 @@ def _logit_transform(config) -> tuple[float | None, float]:
     return softcap, scale
 
 
-def causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
-    """Run the decoder backbone on a collated batch, then ``supervised_loss`` through the model's LM head.
+def backbone_hidden(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder backbone's last hidden states ``[b, s, h]`` for a collated batch, and its labels ``[b, s]``
+    on the same device.
 
     ``batch`` holds ``input_ids`` and ``labels`` ``[b, s]`` and optionally ``attention_mask`` (padded batches)
     or ``position_ids`` (packed batches, no attention_mask: transformers then keeps attention inside each
-    packed example). Returns ``(loss_sum, n_supervised)`` as ``supervised_loss`` does.
+    packed example).
     """
     device = next(model.parameters()).device
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     out = model.base_model(**inputs, use_cache=False)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [b, s, h]
+    return hidden, batch["labels"].to(device)
+
+
+def head_kwargs(model: nn.Module) -> dict:
+    """``head``, ``softcap`` and ``logit_scale`` of the model's LM head, for ``supervised_loss``/``token_log_probs``."""
     softcap, scale = _logit_transform(model.config)
-    return supervised_loss(hidden, batch["labels"].to(device), model.get_output_embeddings(), chunk_size,
-                           softcap=softcap, logit_scale=scale)
+    return {"head": model.get_output_embeddings(), "softcap": softcap, "logit_scale": scale}
+
+
+def causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+    """Run the decoder backbone on a collated batch (see ``backbone_hidden``), then ``supervised_loss`` through
+    the model's LM head. Returns ``(loss_sum, n_supervised)`` as ``supervised_loss`` does."""
+    hidden, labels = backbone_hidden(model, batch)
+    return supervised_loss(hidden, labels, chunk_size=chunk_size, **head_kwargs(model))

@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 from qlora_kit.config import TrainConfig
+from qlora_kit.data.batching import collate_pairs
 from qlora_kit.model.lora import inference_rank, set_rank
 from qlora_kit.training.checkpoint import load_trainer_state
 from qlora_kit.training.distributed import make_accelerator, quiet_other_ranks
 from qlora_kit.training.evaluate import evaluate_loss
 from qlora_kit.training.health import Problem
+from qlora_kit.training.objectives import evaluate_preference
 from qlora_kit.training.outputs import checkpoint, finish, save_best_adapter, start_records
 from qlora_kit.training.run import Run, TrainResult
 from qlora_kit.training.run_folder import check_run_folder
@@ -97,26 +99,24 @@ def accept(run: Run, step: int, outcome: StepOutcome) -> None:
               "grad_norm": round(outcome.grad_norm, 6), "tokens_per_s": round(p.tokens / p.seconds, 2), "supervised_tokens": outcome.supervised_tokens}
     if outcome.rank is not None:
         record["rank"] = outcome.rank
+    record.update({k: round(v, 6) for k, v in (outcome.pairs or {}).items()})
     if p.done % tc.log_every == 0 or p.done == run.schedule.total_steps:
         run.metrics.write(record)
     run.bar.update(1)
-    run.bar.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{outcome.lr:.2e}", tok_s=f"{p.tokens / p.seconds:.0f}")
+    shown = {"margin": f"{outcome.pairs['reward_margin']:.3f}", "acc": f"{outcome.pairs['pref_accuracy']:.2f}"} \
+        if outcome.pairs else {}
+    run.bar.set_postfix(loss=f"{outcome.loss:.4f}", **shown, lr=f"{outcome.lr:.2e}",
+                        tok_s=f"{p.tokens / p.seconds:.0f}")
 
 
 def maybe_evaluate(run: Run) -> None:
     """Validation loss every ``eval_every`` steps and at the last; keeps ``best_adapter/``, counts early stopping."""
-    p, tc, data = run.progress, run.config.training, run.config.data
+    p, tc = run.progress, run.config.training
     due = (tc.eval_every and p.done % tc.eval_every == 0) or p.done == run.schedule.total_steps
     if not run.eval_set or not due:
         return
     set_rank(run.core, inference_rank(run.config.lora))  # lora.active_rank, r by default
-    pad_id = run.tokenizer.pad_token_id
-    if run.fsdp:
-        p.eval_loss = evaluate_loss(run.core, run.eval_set, tc.batch_size, pad_id, data.max_seq_len,
-                                    step_fn=run.step_fn, device=run.accelerator.device)
-    else:
-        p.eval_loss = evaluate_loss(run.core, run.eval_set, tc.batch_size, pad_id, data.max_seq_len,
-                                    tc.loss_chunk_size)
+    p.eval_loss, extra = validation_loss(run)
     run.core.train()
     improved = p.best_eval_loss is None or p.eval_loss < p.best_eval_loss
     if improved:
@@ -124,11 +124,25 @@ def maybe_evaluate(run: Run) -> None:
         save_best_adapter(run)
     else:
         p.bad_evals += 1
-    run.metrics.write({"step": p.done, "eval_loss": round(p.eval_loss, 6)})
+    run.metrics.write({"step": p.done, "eval_loss": round(p.eval_loss, 6), **extra})
     if run.main:
         run.bar.write(f"step {p.done}: validation loss {p.eval_loss:.4f}" + (" (best)" if improved else ""))
     if tc.early_stopping_patience and p.bad_evals >= tc.early_stopping_patience:
         p.status = "early_stopped"
+
+
+def validation_loss(run: Run) -> tuple[float, dict]:
+    """The validation loss, and for dpo/orpo the ``eval_``-prefixed reward and accuracy means (rounded)."""
+    tc, data, pad_id = run.config.training, run.config.data, run.tokenizer.pad_token_id
+    if tc.objective != "sft":
+        batches = [collate_pairs(run.eval_set[k:k + tc.batch_size], pad_id, data.max_seq_len)
+                   for k in range(0, len(run.eval_set), tc.batch_size)]
+        extra = evaluate_preference(run.core, batches, tc)
+        return extra.pop("eval_loss"), {k: round(v, 6) for k, v in extra.items()}
+    if run.fsdp:
+        return evaluate_loss(run.core, run.eval_set, tc.batch_size, pad_id, data.max_seq_len,
+                             step_fn=run.step_fn, device=run.accelerator.device), {}
+    return evaluate_loss(run.core, run.eval_set, tc.batch_size, pad_id, data.max_seq_len, tc.loss_chunk_size), {}
 
 
 def maybe_checkpoint(run: Run, stopping: bool) -> bool:

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from qlora_kit.config import TrainConfig
-from qlora_kit.data.prepare import DataStats
-from qlora_kit.data.tokenize import Example
+from qlora_kit.data.prepare import DataStats, Prepared
 from qlora_kit.training.health import HealthMonitor
 from qlora_kit.training.metrics import MetricsLog
 from qlora_kit.training.recovery import Recovery
@@ -86,13 +85,13 @@ class Run:
     accelerator: Any  # accelerate.Accelerator: device, process index, collectives
     schedule: Schedule  # step counts
     tokenizer: Any  # the checkpoint's tokenizer (pad token set)
-    train_set: list[Example]  # the prepared training examples
-    eval_set: list[Example]  # the prepared validation examples (may be empty)
+    train_set: Prepared  # the prepared training examples (preference pairs for dpo/orpo)
+    eval_set: Prepared  # the prepared validation examples (may be empty)
     stats: DataStats  # counts and token lengths of the prepared data
     checkpointing: bool  # gradient checkpointing on
     fsdp: bool  # several processes under training.distributed=fsdp
     core: nn.Module  # the 4-bit model with its LoRA adapters, unwrapped
-    step_fn: nn.Module  # SupervisedLoss over core, as prepared by accelerate (DDP/FSDP wrapper, or itself)
+    step_fn: nn.Module  # SupervisedLoss/PreferenceLoss over core, as accelerate prepared it (DDP/FSDP wrapper, or itself)
     optimizer: Any  # the optimizer over params (accelerate-wrapped)
     params: list[torch.Tensor]  # the trainable (LoRA) parameters
     named: Any  # core, or under FSDP a view of it under the original module names (adapter files, resume)

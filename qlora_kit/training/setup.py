@@ -17,7 +17,8 @@ import torch
 from qlora_kit import hardware
 from qlora_kit.config import ConfigError, TrainConfig
 from qlora_kit.data.batching import make_batches
-from qlora_kit.data.tokenize import Example
+from qlora_kit.data.preference import n_tokens
+from qlora_kit.data.prepare import Prepared
 from qlora_kit.model.adapters import assign_adapter
 from qlora_kit.model.load import load_model, set_gradient_checkpointing
 from qlora_kit.model.lora import add_lora
@@ -29,13 +30,13 @@ from qlora_kit.training.optim import build_optimizer
 from qlora_kit.training.recovery import Recovery
 from qlora_kit.training.run import Run, Schedule, TrainingError, TrainResult
 from qlora_kit.training.run_folder import RunFolder, claim_run_folder
-from qlora_kit.training.step import SupervisedLoss
+from qlora_kit.training.step import loss_module
 from qlora_kit.training.validate import ValidationReport
 
 log = logging.getLogger("qlora_kit")
 
 
-def plan_schedule(config: TrainConfig, train_set: list[Example], world: int) -> Schedule:
+def plan_schedule(config: TrainConfig, train_set: Prepared, world: int) -> Schedule:
     """Micro-batches per step, steps per epoch and total steps; raises ConfigError when one step cannot fill."""
     tc = config.training
     micro_per_step = tc.grad_accum * world
@@ -89,7 +90,7 @@ def setup(config: TrainConfig, checked: ValidationReport, folder: RunFolder, acc
         claim_run_folder(folder)
     if device.type == "cpu":
         hardware.choose_cpu_threads()  # a resumed run goes back to the count its checkpoint saved (resume_run)
-    longest = max(len(e.input_ids) for e in checked.train_set)
+    longest = max(n_tokens(e) for e in checked.train_set)  # a preference pair: both sides
     checkpointing = choose_gradient_checkpointing(config, checked.model_path, min(longest, config.data.max_seq_len),
                                                   device)
     fsdp = schedule.world > 1 and tc.distributed == "fsdp"
@@ -105,11 +106,11 @@ def setup(config: TrainConfig, checked: ValidationReport, folder: RunFolder, acc
     add_lora(model, config.lora)
     params = [p for p in model.parameters() if p.requires_grad]
     if fsdp:  # wrapped before the optimizer exists; use_orig_params keeps ``params`` the optimizer's tensors
-        step_fn = wrap_fsdp(accelerator, SupervisedLoss(model, tc.loss_chunk_size), model)
+        step_fn = wrap_fsdp(accelerator, loss_module(model, tc), model)
         optimizer = accelerator.prepare(build_optimizer(params, tc, device))
     else:
         optimizer = build_optimizer(params, tc, device)
-        step_fn, optimizer = accelerator.prepare(SupervisedLoss(model, tc.loss_chunk_size), optimizer)
+        step_fn, optimizer = accelerator.prepare(loss_module(model, tc), optimizer)
     monitor = HealthMonitor(model.config.vocab_size)
     return Run(config, folder.path, accelerator, schedule, checked.tokenizer, checked.train_set, checked.eval_set,
                checked.stats, checkpointing, fsdp, model, step_fn, optimizer, params, adapter_view(model, step_fn),

@@ -17,11 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from qlora_kit.data.batching import collate, make_batches
+from qlora_kit.config import TrainingConfig
+from qlora_kit.data.batching import collate, collate_pairs, make_batches
+from qlora_kit.data.preference import n_tokens
 from qlora_kit.model.lora import sample_rank, set_rank
 from qlora_kit.training.distributed import clip_grad_norm
 from qlora_kit.training.health import Problem, largest_weight
 from qlora_kit.training.loss import causal_lm_loss, supervised_count
+from qlora_kit.training.objectives import PreferenceLoss
 from qlora_kit.training.optim import lr_at, set_lr
 from qlora_kit.training.run import Run
 
@@ -71,6 +74,11 @@ class SupervisedLoss(torch.nn.Module):
         return causal_lm_loss(self.model, batch, self.chunk_size)[0]
 
 
+def loss_module(model: torch.nn.Module, tc: TrainingConfig) -> torch.nn.Module:
+    """The step's loss module for ``training.objective``: SupervisedLoss (sft) or PreferenceLoss (dpo, orpo)."""
+    return SupervisedLoss(model, tc.loss_chunk_size) if tc.objective == "sft" else PreferenceLoss(model, tc)
+
+
 def accumulate_gradients(step_fn: torch.nn.Module, accelerator, micro_batches: list[dict], step_tokens: int) -> float:
     """Backward over this rank's micro-batches, each loss divided by the step's global supervised tokens.
 
@@ -98,6 +106,7 @@ class StepOutcome:
     loss: float  # mean loss per supervised token over the whole step (all ranks)
     grad_norm: float  # the gradient norm before clipping
     supervised_tokens: int  # supervised tokens of the step, all ranks
+    pairs: dict | None  # dpo/orpo: this rank's reward_chosen, reward_rejected, reward_margin, pref_accuracy
     lr: float | None  # the learning rate applied (None: the step was not applied)
     rank: int | None  # the LoRA rank sampled for this step (dynamic rank), else None
     stopping: bool  # a stop signal reached some rank during the step (all-reduced when several ranks)
@@ -128,11 +137,14 @@ def optimizer_step(run: Run, step: int, stop: StopFlag) -> StepOutcome:
         sampled_rank = sample_rank(random.Random(step_seed(config.training.seed, step)), config.lora)
         set_rank(run.core, sampled_rank)
     group = [[run.train_set[i] for i in b] for b in step_batches(run, step)]
-    collated = [collate(examples, run.tokenizer.pad_token_id, config.data.packing, config.data.max_seq_len)
-                for examples in group]
+    collated = collate_group(run, group)
     step_tokens = sum(supervised_count(b["labels"]) for b in collated)  # global: every rank's micro-batches
-    loss_total = accumulate_gradients(run.step_fn, acc, collated[acc.process_index::world], step_tokens)
-    step_input = sum(len(e.input_ids) for b in group[acc.process_index::world] for e in b)
+    preference = acc.unwrap_model(run.step_fn) if config.training.objective != "sft" else None
+    if preference is not None:  # its losses come normalised by the step's totals: divide by 1
+        preference.begin_step(collated)
+    loss_total = accumulate_gradients(run.step_fn, acc, collated[acc.process_index::world],
+                                      step_tokens if preference is None else 1)
+    step_input = sum(n_tokens(e) for b in group[acc.process_index::world] for e in b)
     stopping = stop.signal is not None
     if world > 1:  # one all-reduce: loss, tokens, and whether any rank was asked to stop
         summed = acc.reduce(torch.tensor([loss_total, step_input, float(stopping)], dtype=torch.float64,
@@ -140,7 +152,7 @@ def optimizer_step(run: Run, step: int, stop: StopFlag) -> StepOutcome:
         loss_total, step_input, stopping = summed[0].item(), int(summed[1].item()), bool(summed[2].item())
     run.progress.tokens += step_input
     run.progress.supervised_tokens += step_tokens
-    loss = loss_total / max(step_tokens, 1)
+    loss = loss_total / max(step_tokens, 1) if preference is None else loss_total
     tc = config.training
     norm = float(clip_grad_norm(run.step_fn, run.params, tc.max_grad_norm if tc.max_grad_norm > 0 else float("inf")))
     problem, lr = run.monitor.check_step(step + 1, loss, norm), None
@@ -150,7 +162,16 @@ def optimizer_step(run: Run, step: int, stop: StopFlag) -> StepOutcome:
         run.optimizer.step()
         problem = run.monitor.check_weights(step + 1, _largest_weight(run))
     run.optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(started, loss, norm, step_tokens, lr, sampled_rank, stopping, problem)
+    pairs = preference.stats.means() if preference is not None else None
+    return StepOutcome(started, loss, norm, step_tokens, pairs, lr, sampled_rank, stopping, problem)
+
+
+def collate_group(run: Run, group: list[list]) -> list[dict]:
+    """Each micro-batch as tensors: ``collate`` for sft, ``collate_pairs`` (chosen rows, then rejected) for dpo/orpo."""
+    data, pad_id = run.config.data, run.tokenizer.pad_token_id
+    if run.config.training.objective == "sft":
+        return [collate(examples, pad_id, data.packing, data.max_seq_len) for examples in group]
+    return [collate_pairs(pairs, pad_id, data.max_seq_len) for pairs in group]
 
 
 def _largest_weight(run: Run) -> float:

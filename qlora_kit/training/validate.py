@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlora_kit.config import TrainConfig
+from qlora_kit.config import ConfigError, TrainConfig
 from qlora_kit.data.contract import prompt_contract
+from qlora_kit.data.preference import PreferenceExample
 from qlora_kit.data.prepare import DataStats, prepare_data
 from qlora_kit.data.tokenize import Example
 from qlora_kit.planning.fit import check_fits
@@ -106,6 +107,22 @@ def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
+def check_objective(config: TrainConfig, train_set: list) -> bool:
+    """Whether the data is preference pairs; raises ConfigError unless ``training.objective`` fits it (sft on
+    single examples, dpo/orpo on pairs without packing or FSDP)."""
+    tc, paired = config.training, bool(train_set) and isinstance(train_set[0], PreferenceExample)
+    if paired != (tc.objective != "sft"):
+        fix = ("preference records (chosen/rejected); set training.objective to dpo or orpo" if paired else
+               "single-response records; give prompt/chosen/rejected records or set training.objective=sft")
+        raise ConfigError(f"training.objective={tc.objective}, but data.train_file holds {fix}")
+    if paired and config.data.packing:
+        raise ConfigError(f"data.packing: training.objective={tc.objective} compares whole sequences (chosen vs "
+                          "rejected), which packing would merge; set data.packing=false")
+    if paired and tc.distributed == "fsdp":
+        raise ConfigError(f"training.distributed=fsdp does not support objective={tc.objective} yet; use ddp")
+    return paired
+
+
 def validate_run(config: TrainConfig, tokenizer=None, force: bool = False) -> ValidationReport:
     """Check everything a run needs before any weight is loaded, in this order.
 
@@ -134,7 +151,9 @@ def validate_run(config: TrainConfig, tokenizer=None, force: bool = False) -> Va
         tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     train_set, eval_set, stats = prepare_data(config.data, tokenizer, cache_dir=token_cache_dir(config),
                                               seed=config.training.seed)
+    paired = check_objective(config, train_set)
     longest = config.data.max_seq_len if config.data.packing else min(stats.len_max, config.data.max_seq_len)
+    longest *= 2 if paired else 1  # a pair's two rows cost about what one row of both lengths does
     check_fits(config, model_path, longest, targets, force)
     return ValidationReport(config, model_path, str(hf_config.get("model_type")), targets, stats, tokenizer,
                             train_set, eval_set)
