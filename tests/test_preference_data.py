@@ -19,8 +19,8 @@ def tok():
     return build_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def plain_tok():
+@pytest.fixture
+def plain_tok():  # per test: the prompt contract gives a template-less tokenizer its template when first used
     t = build_tokenizer()
     t.chat_template = None
     return t
@@ -78,9 +78,17 @@ def test_string_prompt_with_message_responses(tok):
 
 
 def test_plain_tokenizer_pairs_append_a_supervised_eos(plain_tok):
-    [pair] = _pairs(plain_tok, [{"prompt": "Q: 2+2? A: ", "chosen": "4", "rejected": "5"}])
+    """A tokenizer without a chat template renders pairs through the prompt contract's template: the raw
+    ``completion`` layout when asked for, alpaca under ``auto``; either way the response ends in a trained EOS."""
+    record = {"prompt": "Q: 2+2? A: ", "chosen": "4", "rejected": "5"}
+    [pair] = _pairs(plain_tok, [record], chat_template="completion")
     assert plain_tok.decode(pair.chosen.input_ids) == "Q: 2+2? A: 4<|im_end|>"
     assert _supervised(plain_tok, pair.chosen) == "4<|im_end|>"
+    fresh = build_tokenizer()
+    fresh.chat_template = None
+    [pair] = _pairs(fresh, [record])
+    assert fresh.decode(pair.chosen.input_ids).endswith("### Response:\n4<|im_end|>")
+    assert _supervised(fresh, pair.chosen) == "4<|im_end|>"
 
 
 def test_train_on_prompt_does_not_apply_to_pairs(tok):
@@ -149,9 +157,11 @@ def test_bad_pairs_name_file_and_line(tmp_path, tok, record, pattern):
         prepare_data(DataConfig(train_file=str(path), max_seq_len=16), tok)
 
 
-def test_messages_need_a_chat_template(plain_tok):
-    with pytest.raises(DataError, match="record 1: message lists need a tokenizer with a chat template"):
-        _pairs(plain_tok, [{"prompt": [_user("a")], "chosen": "b", "rejected": "c"}])
+def test_messages_on_a_template_less_tokenizer_go_through_the_contract(plain_tok):
+    """Message lists once needed a chat template; the prompt contract now gives every tokenizer one."""
+    [pair] = _pairs(plain_tok, [{"prompt": [_user("a")], "chosen": "b", "rejected": "c"}])
+    assert _supervised(plain_tok, pair.chosen) == "b<|im_end|>"
+    assert _supervised(plain_tok, pair.rejected) == "c<|im_end|>"
 
 
 def test_eval_file_of_another_kind_is_an_error(tmp_path, tok):
