@@ -14,11 +14,11 @@ from qlora_kit.config import (
     TrainConfig,
     TrainingConfig,
 )
+from qlora_kit.inference.evaluate import EvalResult, evaluate
 from qlora_kit.inference.generate import generate
 from qlora_kit.merging.gguf_export import export_gguf
 from qlora_kit.merging.pipeline import merge_and_export
 from qlora_kit.model.adapters import load_adapter, save_adapter
-from qlora_kit.inference.evaluate import EvalResult, evaluate
 from qlora_kit.model.load import load_model
 from qlora_kit.model.lora import (
     active_adapters,

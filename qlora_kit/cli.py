@@ -251,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(e: Exception) -> bool:
     """Errors that describe bad input or a failed write, whose message already says what to do."""
-    from qlora_kit.model.adapters import AdapterMismatchError
     from qlora_kit.atomic import WriteError
     from qlora_kit.data import DataError
+    from qlora_kit.model.adapters import AdapterMismatchError
     from qlora_kit.training.run import TrainingError
 
     return isinstance(e, (ConfigError, DataError, AdapterMismatchError, TrainingError, WriteError, FileExistsError))

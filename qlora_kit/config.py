@@ -19,10 +19,18 @@ from typing import Any, Union
 
 from qlora_kit.config_aliases import suggest
 from qlora_kit.config_fields import check_fields, ranged, show_value
+from qlora_kit.config_yaml import (  # noqa: F401
+    ConfigError,
+    apply_overrides,
+    compose_file,
+    key_line,
+    line_of,
+    load_yaml,
+    parse_override,
+)
 from qlora_kit.dtypes import DTYPES, NAMES
 from qlora_kit.optimizers import OPTIMIZER_NAMES
-from qlora_kit.config_yaml import (ConfigError, apply_overrides, compose_file, key_line, line_of, load_yaml,  # noqa: F401
-                          parse_override)
+
 
 @dataclass
 class QuantConfig:
@@ -55,8 +63,8 @@ class LoraConfig:
     dropout: float = ranged(0.0, "[0, 1)")  # dropout on the adapter's input during training
     use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
     init: str = "kaiming"  # A's init: "kaiming" (Kaiming-uniform, as in loralib and PEFT) or "gaussian" (N(0, 1/r)); B is zero
-    target_modules: Union[str, list[str]] = "all-linear"  # "all-linear", a list of module-name suffixes, or a regex matched against full names
-    layers: Union[list[int], None] = ranged(None, "[0, 65_535]")  # decoder layer indices to adapt; None adapts every layer
+    target_modules: str | list[str] = "all-linear"  # "all-linear", a list of module-name suffixes, or a regex matched against full names
+    layers: list[int] | None = ranged(None, "[0, 65_535]")  # decoder layer indices to adapt; None adapts every layer
     modules_to_save: list[str] = field(default_factory=list)  # modules trained in full as a copy, e.g. ["lm_head", "embed_tokens"] after adding tokens
     dynamic_rank: bool = False  # dynamic-rank training (QDyLoRA): sample a rank per step in [r_min, r]
     r_min: int = ranged(1, "[1, 65_536]")  # smallest sampled rank when dynamic_rank is on

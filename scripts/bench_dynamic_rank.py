@@ -36,8 +36,8 @@ from qlora_kit.demo.model import demo_model_path  # noqa: E402
 from qlora_kit.demo.run import demo_config  # noqa: E402
 from qlora_kit.demo.task import write_demo_dataset  # noqa: E402
 from qlora_kit.inference.evaluate import evaluate  # noqa: E402
-from qlora_kit.model.lora import set_rank  # noqa: E402
 from qlora_kit.model.load import load_model  # noqa: E402
+from qlora_kit.model.lora import set_rank  # noqa: E402
 from qlora_kit.training.evaluate import evaluate_loss  # noqa: E402
 from qlora_kit.training.recipe import train  # noqa: E402
 

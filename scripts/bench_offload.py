@@ -42,8 +42,8 @@ def write_random_4bit(cfg, folder: Path, dtype: torch.dtype) -> dict:
     import bitsandbytes.functional as bnbF
     from tqdm.auto import tqdm
 
-    from qlora_kit.offload.runtime import OffloadWriter
     from qlora_kit.offload.build import add_4bit, quantized_linears, skeleton
+    from qlora_kit.offload.runtime import OffloadWriter
 
     model = skeleton(cfg, dtype)  # meta: shapes and names only
     linears = set(quantized_linears(model))
@@ -103,13 +103,18 @@ def time_steps(model, steps: int, ids: torch.Tensor, rank: int, rec=None, label:
 
 def run_offload(args, cfg) -> int:
     from qlora_kit.atomic import atomic_write_json
-    from qlora_kit.testing.measure import PhaseRecorder, read_status
-    from qlora_kit.planning.memory import plan_memory
-    from qlora_kit.model.load import prepare_for_kbit_training
-    from qlora_kit.offload.runtime import DATA_NAME
-    from qlora_kit.offload.build import build_from_folder
     from qlora_kit.hardware import available_memory
-    from qlora_kit.planning.offload import drop_page_cache, offload_traffic, page_cache_for_weights, read_bandwidth
+    from qlora_kit.model.load import prepare_for_kbit_training
+    from qlora_kit.offload.build import build_from_folder
+    from qlora_kit.offload.runtime import DATA_NAME
+    from qlora_kit.planning.memory import plan_memory
+    from qlora_kit.planning.offload import (
+        drop_page_cache,
+        offload_traffic,
+        page_cache_for_weights,
+        read_bandwidth,
+    )
+    from qlora_kit.testing.measure import PhaseRecorder, read_status
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.compute_dtype]

@@ -87,8 +87,8 @@ def tensor_shapes(cfg) -> list[tuple[str, tuple[int, ...]]]:
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size // cfg.num_attention_heads
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     shapes = [("model.embed_tokens.weight", (cfg.vocab_size, h))]
-    for l in range(cfg.num_hidden_layers):
-        pre = f"model.layers.{l}."
+    for layer in range(cfg.num_hidden_layers):
+        pre = f"model.layers.{layer}."
         shapes += [(pre + "input_layernorm.weight", (h,)), (pre + "post_attention_layernorm.weight", (h,)),
                    (pre + "self_attn.q_proj.weight", (q, h)), (pre + "self_attn.k_proj.weight", (kv, h)),
                    (pre + "self_attn.v_proj.weight", (kv, h)), (pre + "self_attn.o_proj.weight", (h, q)),
@@ -155,10 +155,10 @@ def main(argv=None) -> int:
     from qlora_kit import LoraConfig, add_lora, save_adapter
     from qlora_kit.atomic import atomic_write_json
     from qlora_kit.config import TrainingConfig
+    from qlora_kit.model.load import load_model, model_bytes
+    from qlora_kit.planning.memory import plan_memory
     from qlora_kit.testing.measure import PhaseRecorder, read_status, train_steps
     from qlora_kit.training.optim import build_optimizer
-    from qlora_kit.planning.memory import plan_memory
-    from qlora_kit.model.load import load_model, model_bytes
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     out = Path(args.out)

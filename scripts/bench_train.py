@@ -192,7 +192,7 @@ def worker_ours(args) -> dict:
               if '"loss"' in line]
     peaks = training_peaks()
     _, evals, _ = prepare_examples(data_dir, model_path)
-    lora_params = sum(p.numel() for _, l in lora_layers(model) for p in l.adapters.parameters())
+    lora_params = sum(p.numel() for _, layer in lora_layers(model) for p in layer.adapters.parameters())
     return {"dtype": str(model.qlora_compute_dtype).removeprefix("torch."),
             "checkpointing": json.loads((out / "run" / "run_info.json").read_text())["gradient_checkpointing"],
             "steps": result.steps, "tokens": result.tokens, "supervised": result.supervised_tokens,
@@ -213,7 +213,7 @@ def worker_peer(args) -> dict:
     model_path, data_dir, out = Path(args.model), Path(args.data), Path(args.out)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     train, evals, tokenizer = prepare_examples(data_dir, model_path)
-    ds = Dataset.from_list([{"input_ids": e.input_ids, "completion_mask": [int(l != -100) for l in e.labels]}
+    ds = Dataset.from_list([{"input_ids": e.input_ids, "completion_mask": [int(label != -100) for label in e.labels]}
                             for e in train])
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
@@ -309,8 +309,8 @@ LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers":
 def cpu_info() -> dict:
     """The CPU's model name, the SIMD/matrix flags that decide the compute dtype, and a short kind name."""
     text = Path("/proc/cpuinfo").read_text()
-    name = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "?")
-    flags = set(next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), []))
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
     present = [f for f in SIMD_FLAGS if f in flags]
     kind = "amx" if "amx_bf16" in flags else "avx512bf16" if "avx512_bf16" in flags else "avx2"
     return {"model": name, "flags": present, "kind": kind}

@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup_env.sh
+python -m ruff check -q qlora_kit tests scripts  # the linter (pyproject.toml [tool.ruff]) before the tests
 exec python -m pytest -q -p no:cacheprovider "$@"

@@ -3,13 +3,11 @@ import json
 
 import pytest
 import torch
+from conftest import load_tiny
 
-from qlora_kit import (LoraConfig, adapters_disabled, add_lora, load_adapter, save_adapter,
-                       set_active_adapters)
+from qlora_kit import LoraConfig, adapters_disabled, add_lora, load_adapter, save_adapter, set_active_adapters
 from qlora_kit.model.adapters import AdapterMismatchError
 from qlora_kit.model.lora import lora_layers
-
-from conftest import load_tiny
 
 
 def _randomize(model, seed=0):

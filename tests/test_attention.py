@@ -2,10 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_tiny
 
 from qlora_kit.model.attention import NAME, set_short_attention, short_attention, short_attention_forward
-
-from conftest import load_tiny
 
 
 def _qkv(b, h, kv, s, d, dtype, seed=0):

@@ -23,11 +23,19 @@ import pytest
 import torch
 import yaml
 
-from qlora_kit.training.checkpoint import (STATE_FILE, CheckpointError, latest_good_checkpoint, list_checkpoints,
-                                  load_optimizer_state, load_trainer_state, read_checkpoint_adapter, save_checkpoint,
-                                  verify_checkpoint)
 from qlora_kit.cli import _is_user_error
 from qlora_kit.config import ConfigError, load_train_config
+from qlora_kit.training.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    latest_good_checkpoint,
+    list_checkpoints,
+    load_optimizer_state,
+    load_trainer_state,
+    read_checkpoint_adapter,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from qlora_kit.training.manifest import MANIFEST_FILE
 from qlora_kit.training.recipe import train
 

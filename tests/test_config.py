@@ -4,8 +4,18 @@ import typing
 
 import pytest
 
-from qlora_kit.config import (ConfigError, DataConfig, LoraConfig, ModelConfig, QuantConfig, TrainConfig,
-                              TrainingConfig, apply_overrides, from_dict, load_train_config)
+from qlora_kit.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    QuantConfig,
+    TrainConfig,
+    TrainingConfig,
+    apply_overrides,
+    from_dict,
+    load_train_config,
+)
 
 
 def test_unknown_key_names_the_closest():

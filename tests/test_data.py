@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from conftest import load_tiny
 
 from qlora_kit.config import DataConfig
 from qlora_kit.data import DataError
@@ -13,8 +14,6 @@ from qlora_kit.data.prepare import DataStats, prepare_data
 from qlora_kit.data.sources import load_records
 from qlora_kit.data.tokenize import Example, n_supervised, tokenize_example
 from qlora_kit.testing.tiny import build_tokenizer
-
-from conftest import load_tiny
 
 
 @pytest.fixture(scope="module")

@@ -221,9 +221,9 @@ def test_fsdp_two_processes_match_ddp(ddp_runs, tiny_model_dir):
 
 def test_fsdp_wrap_policy_units(tiny_model_dir):
     """Single process: decoder layers and every LoRA adapter are FSDP units; nothing else is."""
+    from conftest import load_tiny
     from torch.distributed.fsdp.wrap import _or_policy  # noqa: F401 (the policy is built from these)
 
-    from conftest import load_tiny
     from qlora_kit import LoraConfig, add_lora
     from qlora_kit.training.distributed import _is_lora_unit, decoder_layer_classes, fsdp_wrap_policy
 

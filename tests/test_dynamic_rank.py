@@ -7,17 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tiny
 from safetensors import safe_open
+from test_train import _config, _interrupt_at
 
 from qlora_kit import LoraConfig, add_lora, load_adapter, merge_and_export, save_adapter
-from qlora_kit.model.adapters import read_adapter
 from qlora_kit.config import ConfigError
+from qlora_kit.model.adapters import read_adapter
 from qlora_kit.model.lora import lora_layers, sample_rank, set_rank
 from qlora_kit.training.recipe import train
 from qlora_kit.training.step import step_seed
-
-from conftest import load_tiny
-from test_train import _config, _interrupt_at
 
 IDS = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import load_tiny
 
 from qlora_kit.config import DataConfig
 from qlora_kit.data import IGNORE_INDEX
@@ -15,7 +16,6 @@ from qlora_kit.inference.evaluate import METRICS, evaluate, write_predictions
 from qlora_kit.inference.generate import generate, generate_tokens
 from qlora_kit.inference.prompts import record_prompt, render_prompt
 from qlora_kit.testing.tiny import build_tokenizer
-from conftest import load_tiny
 
 RECORDS = [
     {"instruction": "Convert the date to words.", "input": "2024-03-05", "output": "March fifth, 2024"},

@@ -9,8 +9,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qlora_kit.config import (ConfigError, DataConfig, LoraConfig, ModelConfig, QuantConfig, TrainConfig,
-                              TrainingConfig, from_dict, load_train_config, to_dict)
+from qlora_kit.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    QuantConfig,
+    TrainConfig,
+    TrainingConfig,
+    from_dict,
+    load_train_config,
+    to_dict,
+)
 from qlora_kit.data import DataError
 from qlora_kit.data.formats import FORMATS
 from qlora_kit.data.preference import PreferenceExample

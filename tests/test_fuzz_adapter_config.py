@@ -11,18 +11,17 @@ import shutil
 
 import pytest
 import torch
+from conftest import load_tiny
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
+from test_fuzz import FUZZ, texts, values
 
-from qlora_kit.model.adapter_check import CONFIG_FILE, PREFIX, WEIGHTS_FILE, check_adapter
-from qlora_kit.model.adapters import AdapterMismatchError, load_adapter
 from qlora_kit.cli import main
 from qlora_kit.config import ConfigError
+from qlora_kit.model.adapter_check import CONFIG_FILE, PREFIX, WEIGHTS_FILE, check_adapter
+from qlora_kit.model.adapters import AdapterMismatchError, load_adapter
 from qlora_kit.model.lora import lora_layers
-
-from conftest import load_tiny
-from test_fuzz import FUZZ, texts, values
 
 KEYS = ["peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "target_modules",
         "layers_to_transform", "modules_to_save", "rank_pattern", "alpha_pattern", "bias", "task_type"]

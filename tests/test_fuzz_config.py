@@ -15,8 +15,18 @@ from hypothesis import strategies as st
 from test_fuzz import FUZZ
 
 from qlora_kit.cli import main
-from qlora_kit.config import (ConfigError, DataConfig, LoraConfig, ModelConfig, QuantConfig, TrainConfig,
-                              TrainingConfig, from_dict, load_train_config, to_dict)
+from qlora_kit.config import (
+    ConfigError,
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    QuantConfig,
+    TrainConfig,
+    TrainingConfig,
+    from_dict,
+    load_train_config,
+    to_dict,
+)
 from qlora_kit.config_aliases import ALIASES
 
 SECTIONS = {"model": ModelConfig, "quant": QuantConfig, "lora": LoraConfig, "data": DataConfig,

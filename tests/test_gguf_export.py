@@ -2,18 +2,16 @@
 with gguf's reader (names, shapes, types, metadata, tokenizer, chat template) and loaded with transformers' GGUF
 loader; weights against the safetensors merge, logits against the merged model at each type's tolerance."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_merge import PROMPTS, _random_adapter, _tensors
 
 from qlora_kit import export_gguf, merge_and_export
 from qlora_kit.merging.gguf_map import GgufError
-from qlora_kit.paths import OutputPathError
 from qlora_kit.merging.gguf_verify import TOLERANCES
-
-from test_merge import PROMPTS, _random_adapter, _tensors
+from qlora_kit.paths import OutputPathError
 
 gguf = pytest.importorskip("gguf")
 

@@ -3,13 +3,12 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import load_tiny
 from torch import nn
 
 from qlora_kit import ConfigError, LoraConfig, add_lora, parameter_report
 from qlora_kit.model.lora import LoraLinear, resolve_targets
 from qlora_kit.model.quant import dequantize_weight
-
-from conftest import load_tiny
 
 
 def _linear4bit(in_f: int, out_f: int, seed: int = 0) -> nn.Module:

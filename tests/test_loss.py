@@ -2,12 +2,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_tiny
 from torch import nn
 
 from qlora_kit import LoraConfig, add_lora
 from qlora_kit.training.loss import causal_lm_loss, supervised_loss
-
-from conftest import load_tiny
 
 TOL = dict(atol=2e-5, rtol=2e-5)  # fp32 throughout; only the summation order differs
 

@@ -71,6 +71,7 @@ def test_nf4_double_quant_is_4_127_bits():
 def test_planned_weights_match_loaded_model(tiny_model_dir):
     """The 4-bit + unquantized rows equal model_bytes of the really loaded model (fp32 compute) within 1%."""
     from conftest import load_tiny
+
     from qlora_kit.model.load import model_bytes
 
     model, _ = load_tiny(tiny_model_dir)
@@ -81,6 +82,7 @@ def test_planned_weights_match_loaded_model(tiny_model_dir):
 
 def test_lora_param_count_matches_add_lora(tiny_model_dir):
     from conftest import load_tiny
+
     from qlora_kit import LoraConfig, add_lora, parameter_report
 
     model, _ = load_tiny(tiny_model_dir)

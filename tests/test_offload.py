@@ -8,13 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tiny
 
 from qlora_kit import LoraConfig, add_lora, merge_and_export, save_adapter
 from qlora_kit.model.lora import LoraLinear
-from qlora_kit.offload.runtime import DATA_NAME, INDEX_NAME, is_file_backed, map_offloaded, offload_base, stream_layers
 from qlora_kit.model.quant import is_4bit
-
-from conftest import load_tiny
+from qlora_kit.offload.runtime import (
+    DATA_NAME,
+    INDEX_NAME,
+    is_file_backed,
+    map_offloaded,
+    offload_base,
+    stream_layers,
+)
 
 
 def _step(model, ids):
@@ -97,7 +103,7 @@ def test_offloaded_weights_are_file_backed_and_index_is_json(tiny_model_dir, tmp
         mp.setattr(pickle, "loads", refuse)
         mp.setattr(torch, "load", refuse)
         assert map_offloaded(fresh, folder) == index["total_bytes"]
-    for name, m in _packed(fresh).items():
+    for m in _packed(fresh).values():
         assert is_file_backed(m.weight.data, data)
 
 
@@ -178,9 +184,10 @@ def test_rss_anon_drops_by_the_packed_bytes(tmp_path):
 
 
 def test_config_field_and_train_with_disk_offload_match(tmp_path, tiny_model_dir):
+    from test_train import _config
+
     from qlora_kit.config import ConfigError, load_train_config
     from qlora_kit.training.recipe import train
-    from test_train import _config
 
     with pytest.raises(ConfigError, match="model.offload"):
         load_train_config(None, [f"model.path={tiny_model_dir}", "data.train_file=x.jsonl", "model.offload=gpu"])

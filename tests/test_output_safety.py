@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_tiny
 
 from qlora_kit import LoraConfig, add_lora, merge_and_export, save_adapter
 from qlora_kit.atomic import atomic_write_bytes
-from qlora_kit.training.checkpoint import save_checkpoint
 from qlora_kit.cli import main
+from qlora_kit.merging.resize import adapter_resize
 from qlora_kit.model.lora import lora_layers
 from qlora_kit.paths import OutputPathError, check_output_path
-from qlora_kit.merging.resize import adapter_resize
-
-from conftest import load_tiny
+from qlora_kit.training.checkpoint import save_checkpoint
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 

@@ -2,13 +2,12 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import load_tiny
 from torch import nn
 
 from qlora_kit import LoraConfig
 from qlora_kit.model.fused import dense_cache_bytes, dequantized_weights, set_fused
 from qlora_kit.model.lora import LoraLinear
-
-from conftest import load_tiny
 
 
 @pytest.fixture

@@ -20,17 +20,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import load_tiny
 
 from qlora_kit import LoraConfig, add_lora, load_adapter, merge_and_export, save_adapter
 from qlora_kit.atomic import WriteError
-from qlora_kit.training.checkpoint import STATE_FILE, latest_checkpoint, load_optimizer_state, load_trainer_state
 from qlora_kit.config import ConfigError, load_train_config, to_dict
-from qlora_kit.model.lora import lora_layers
 from qlora_kit.model.load import check_model_path
+from qlora_kit.model.lora import lora_layers
+from qlora_kit.training.checkpoint import (
+    STATE_FILE,
+    latest_checkpoint,
+    load_optimizer_state,
+    load_trainer_state,
+)
 from qlora_kit.training.recipe import train
 from qlora_kit.training.run import TrainingError
-
-from conftest import load_tiny
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qlora_kit"
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "robot"]

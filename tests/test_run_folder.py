@@ -6,8 +6,8 @@ import pytest
 import qlora_kit.training.setup as train_mod
 from qlora_kit.cli import main
 from qlora_kit.config import ConfigError, load_train_config
-from qlora_kit.training.run_folder import MARKER
 from qlora_kit.training.recipe import train
+from qlora_kit.training.run_folder import MARKER
 
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "robot"]
 

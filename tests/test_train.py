@@ -5,6 +5,7 @@ import signal
 
 import pytest
 import torch
+from conftest import load_tiny
 
 from qlora_kit import LoraConfig, add_lora
 from qlora_kit.config import load_train_config
@@ -14,8 +15,6 @@ from qlora_kit.model.lora import lora_layers
 from qlora_kit.training.recipe import train
 from qlora_kit.training.run import TrainingError
 from qlora_kit.training.step import SupervisedLoss, accumulate_gradients
-
-from conftest import load_tiny
 
 
 def _write_toy_data(path, n=48):

@@ -12,8 +12,8 @@ from qlora_kit.data.sources import load_records
 from qlora_kit.demo.model import demo_model_path
 from qlora_kit.demo.task import user_content, write_demo_dataset
 from qlora_kit.inference.evaluate import evaluate
-from qlora_kit.model.lora import parameter_report
 from qlora_kit.model.load import footprint, load_model
+from qlora_kit.model.lora import parameter_report
 from qlora_kit.training.recipe import train
 
 

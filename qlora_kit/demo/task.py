@@ -134,7 +134,7 @@ def make_demo_dataset(n_train: int = 600, n_eval: int = 100, seed: int = 0) -> t
         raise ValueError(f"dataset sizes must be >= 0, got n_train={n_train}, n_eval={n_eval}")
     taken: set[tuple[str, str]] = set()
     eval_rng = random.Random(f"qlora-kit-demo-task:{seed}:eval")
-    eval_records = [_record(eval_rng, f, l) for f, l in _people(eval_rng, n_eval, taken)]
+    eval_records = [_record(eval_rng, first, last) for first, last in _people(eval_rng, n_eval, taken)]
     train_rng = random.Random(f"qlora-kit-demo-task:{seed}:train")
     train_people: list[tuple[str, str]] = []
     # Draw training people one at a time, so a prefix of the draw does not depend on n_train.
@@ -142,7 +142,7 @@ def make_demo_dataset(n_train: int = 600, n_eval: int = 100, seed: int = 0) -> t
         train_people += _people(train_rng, 1, taken)
     # Records are drawn after all people, from their own stream, so they too are prefix-stable.
     record_rng = random.Random(f"qlora-kit-demo-task:{seed}:train-records")
-    train_records = [_record(record_rng, f, l) for f, l in train_people]
+    train_records = [_record(record_rng, first, last) for first, last in train_people]
     return train_records, eval_records
 
 

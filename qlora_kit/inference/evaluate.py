@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from qlora_kit.atomic import atomic_write_bytes
 from qlora_kit.config import ConfigError, DataConfig

@@ -165,8 +165,8 @@ def parse_ranks(text: str | None, r_max: int) -> list[int]:
 
 def _output_folder(args: argparse.Namespace, adapter_dir: Path, base: str) -> Path:
     """The folder for the sweep's report, after refusing a --out or --export that would change an input."""
-    from qlora_kit.model.adapters import CONFIG_FILE
     from qlora_kit.atomic import check_replaceable
+    from qlora_kit.model.adapters import CONFIG_FILE
     from qlora_kit.paths import check_output_path
 
     out = Path(args.out) if args.out else adapter_dir.parent / "rank_sweep"
@@ -180,12 +180,12 @@ def _output_folder(args: argparse.Namespace, adapter_dir: Path, base: str) -> Pa
 
 def run_rank_sweep(args: argparse.Namespace) -> int:
     """``qlora-kit rank-sweep``: load the base and the adapter, sweep, print, write JSON and plot, maybe export."""
-    from qlora_kit.data.contract import apply_contract
-    from qlora_kit.model.adapters import load_adapter, read_adapter, save_adapter
     from qlora_kit.atomic import atomic_write_json
     from qlora_kit.config import DataConfig
+    from qlora_kit.data.contract import apply_contract
     from qlora_kit.data.prepare import prepare_data
     from qlora_kit.data.sources import load_records
+    from qlora_kit.model.adapters import load_adapter, read_adapter, save_adapter
     from qlora_kit.model.load import load_model
 
     adapter_dir = Path(args.adapter)

@@ -20,14 +20,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from qlora_kit.paths import check_output_path
 from qlora_kit.atomic import atomic_write_bytes, atomic_write_json
-from qlora_kit.merging.gguf_map import (LLAMA_CPP_TYPES, GgufArch, GgufError, TensorOut, add_arch_metadata, check_quant, encode,
-                       gguf_arch, map_tensors, permute_qk)
+from qlora_kit.merging.gguf_map import (
+    LLAMA_CPP_TYPES,
+    GgufArch,
+    GgufError,
+    TensorOut,
+    add_arch_metadata,
+    check_quant,
+    encode,
+    gguf_arch,
+    map_tensors,
+    permute_qk,
+)
 from qlora_kit.merging.gguf_vocab import VocabInfo, add_tokenizer_metadata, load_tokenizer, modelfile_text
 from qlora_kit.merging.plan import Item, MergePlan, build_plan, checkpoint_tensors
 from qlora_kit.merging.weights import lora_delta, merged_tensor, weighted_mean
 from qlora_kit.model.load import check_model_path
+from qlora_kit.paths import check_output_path
 
 _FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}  # llama_ftype of the streamed file
 

@@ -127,7 +127,8 @@ def tensor_type(shape: tuple[int, ...], quant: str):
     """The stored type: F32 for vectors; else the requested numpy type (Q8_0 needs rows divisible by 32, else F16).
 
     For llama.cpp types the streamed file is F16 and llama.cpp re-quantizes it afterwards."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
 
     if len(shape) < 2 or quant == "f32":
         return T.F32
@@ -180,7 +181,8 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def encode(t: torch.Tensor, ggml_type, where: str) -> np.ndarray:
     """A fp32 tensor in the stored type, as numpy (F32/F16 typed; BF16/Q8_0 as packed bytes from gguf.quants)."""
     import numpy as np
-    from gguf import GGMLQuantizationType as T, quants
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
 
     a = t.contiguous().numpy()
     if ggml_type == T.F32:

@@ -10,8 +10,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qlora_kit.merging.verify import (DEFAULT_PROMPTS, FP32_RTOL, MAX_NEW_TOKENS, VerificationError, effect_retained, free_model,
-                     plain_model, reference_model, run_prompts, compare_runs, eval_loss, read_eval_examples)
+from qlora_kit.merging.verify import (
+    DEFAULT_PROMPTS,
+    FP32_RTOL,
+    MAX_NEW_TOKENS,
+    VerificationError,
+    compare_runs,
+    effect_retained,
+    eval_loss,
+    free_model,
+    plain_model,
+    read_eval_examples,
+    reference_model,
+    run_prompts,
+)
 
 # max |Δlogit| / max |logit| allowed for the file read back by transformers (dequantized to fp32), against the
 # 4-bit base + adapter, per stored type: rounding the merged weights moves the logits. Measured on the tests'

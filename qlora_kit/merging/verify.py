@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qlora_kit.data import IGNORE_INDEX
 from qlora_kit.dtypes import dtype_name
 from qlora_kit.merging.plan import MergePlan, build_plan
 from qlora_kit.merging.write import write_model

@@ -15,11 +15,21 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qlora_kit.model.adapter_check import CONFIG_FILE, PREFIX, WEIGHTS_FILE, check_adapter
 from qlora_kit.atomic import atomic_dir, safetensors_bytes
 from qlora_kit.config import ConfigError, LoraConfig, QuantConfig
-from qlora_kit.model.lora import (LoraLinear, TrainableCopy, active_adapters, attach_adapter, inference_rank, layer_index,
-                   lora_layers, resolve_targets, set_active_adapters, set_rank)
+from qlora_kit.model.adapter_check import CONFIG_FILE, PREFIX, WEIGHTS_FILE, check_adapter
+from qlora_kit.model.lora import (
+    LoraLinear,
+    TrainableCopy,
+    active_adapters,
+    attach_adapter,
+    inference_rank,
+    layer_index,
+    lora_layers,
+    resolve_targets,
+    set_active_adapters,
+    set_rank,
+)
 
 
 class AdapterMismatchError(ValueError):

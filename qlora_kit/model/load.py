@@ -139,8 +139,8 @@ def _load_disk_offloaded(path: Path, quant: QuantConfig, dtype: torch.dtype, dev
     """``offload="disk"``: stream-quantize ``path`` into ``folder`` (reused if current) and map the model onto it."""
     from transformers import GenerationConfig
 
-    from qlora_kit.offload.runtime import stream_layers
     from qlora_kit.offload.build import build_from_folder, quantize_to_folder
+    from qlora_kit.offload.runtime import stream_layers
 
     if folder is None:
         raise ConfigError("model.offload=disk needs a folder for the weight file (offload_folder)")
@@ -182,7 +182,7 @@ def prepare_for_kbit_training(model: nn.Module, compute_dtype: torch.dtype, grad
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     if compute_dtype == torch.float16:
-        for name, module in model.named_modules():
+        for module in model.modules():
             if "norm" in type(module).__name__.lower():
                 module.float()
     model.config.use_cache = False

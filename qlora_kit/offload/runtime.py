@@ -129,7 +129,7 @@ class OffloadWriter:
     def __init__(self, folder: str | Path, meta: dict | None = None):
         self.folder, self.meta, self.entries, self.offset = Path(folder), dict(meta or {}), {}, 0
 
-    def __enter__(self) -> "OffloadWriter":
+    def __enter__(self) -> OffloadWriter:
         self._dir = atomic_dir(self.folder, ours=(INDEX_NAME, DATA_NAME), kind="offload")
         tmp = self._dir.__enter__()
         self._tmp, self._file = tmp, open(tmp / DATA_NAME, "wb")

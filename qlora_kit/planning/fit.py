@@ -16,8 +16,8 @@ import torch
 from qlora_kit import hardware
 from qlora_kit.config import ConfigError, TrainConfig
 from qlora_kit.dtypes import dtype_name
-from qlora_kit.planning.estimate import GiB
 from qlora_kit.optimizers import resolve_optimizer
+from qlora_kit.planning.estimate import GiB
 from qlora_kit.planning.memory import MemoryPlan, plan_memory
 
 log = logging.getLogger("qlora_kit")

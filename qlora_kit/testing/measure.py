@@ -171,15 +171,12 @@ def _warm_up_runtime(model: str) -> None:
     """
     import importlib
 
-    import torch
-    import transformers  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: F401
-
     import bitsandbytes.nn  # noqa: F401
     import bitsandbytes.optim  # noqa: F401
+    import torch
     import torch.utils.checkpoint  # noqa: F401
-
-    from qlora_kit.model import lora
+    import transformers  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: F401
 
     from qlora_kit.model import load as model_module  # noqa: F401
     try:
@@ -199,13 +196,13 @@ def _warm_up_runtime(model: str) -> None:
 
 def _child(args: argparse.Namespace) -> Measurement:
     """The measured run itself (inside the subprocess)."""
+    import bitsandbytes  # noqa: F401
     import torch
     import transformers  # noqa: F401  (imported before the baseline on purpose)
-    import bitsandbytes  # noqa: F401
 
     from qlora_kit.config import LoraConfig, TrainingConfig
-    from qlora_kit.model.lora import add_lora
     from qlora_kit.model.load import load_model, model_bytes
+    from qlora_kit.model.lora import add_lora
     from qlora_kit.training.optim import build_optimizer
 
     torch.set_num_threads(args.threads)

@@ -22,9 +22,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from qlora_kit.model.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterFile, read_adapter, write_adapter_files
 from qlora_kit.atomic import atomic_dir, safetensors_bytes
 from qlora_kit.config import ConfigError
+from qlora_kit.model.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterFile, read_adapter, write_adapter_files
 from qlora_kit.training.manifest import MANIFEST_FILE, VERSION, check_manifest, write_manifest
 
 log = logging.getLogger("qlora_kit")

@@ -18,9 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_kit.atomic import atomic_write_json
-from qlora_kit.training.checkpoint import (latest_checkpoint, list_checkpoints, load_trainer_state, resume_checkpoint,
-                         verify_checkpoint)
 from qlora_kit.config import ConfigError
+from qlora_kit.training.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_trainer_state,
+    resume_checkpoint,
+    verify_checkpoint,
+)
 
 log = logging.getLogger("qlora_kit")
 

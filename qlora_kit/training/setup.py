@@ -24,7 +24,12 @@ from qlora_kit.model.load import load_model, set_gradient_checkpointing
 from qlora_kit.model.lora import add_lora
 from qlora_kit.planning.fit import plan_run
 from qlora_kit.training.checkpoint import load_optimizer_state, load_trainer_state, read_checkpoint_adapter
-from qlora_kit.training.distributed import adapter_view, configure_quant_for_fsdp, full_adapter_params, wrap_fsdp
+from qlora_kit.training.distributed import (
+    adapter_view,
+    configure_quant_for_fsdp,
+    full_adapter_params,
+    wrap_fsdp,
+)
 from qlora_kit.training.health import HealthMonitor
 from qlora_kit.training.optim import build_optimizer
 from qlora_kit.training.recovery import Recovery
