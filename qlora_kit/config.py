@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,7 +141,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of settings, got {type(value).__name__}")
         return from_dict(hint, value, where)
-    if origin is Union:
+    if origin in (Union, types.UnionType):  # Optional[X] / Union[X, Y] and X | Y
         if value is None and type(None) in args:
             return None
         errors = []

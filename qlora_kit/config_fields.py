@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from dataclasses import field
 from typing import Any, Union
@@ -36,7 +37,7 @@ def _in_interval(value: float, interval: str) -> bool:
 def _has_type(value: Any, hint: Any) -> bool:
     """Whether ``value`` is exactly of the annotated type (no conversion; bool is not a number)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Union:
+    if origin in (Union, types.UnionType):  # Optional[X] / Union[X, Y] and X | Y
         return any(_has_type(value, arg) for arg in args)
     if origin is list:
         return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
