@@ -7,7 +7,7 @@ import os
 import sys
 
 from qlora_kit.config import ConfigError, TrainConfig, load_train_config
-from qlora_kit.dtypes import NAMES, dtype_name
+from qlora_kit.dtypes import NAMES
 from qlora_kit.optimizers import OPTIMIZER_NAMES
 
 
@@ -82,11 +82,6 @@ def _cmd_adapter_resize(args: argparse.Namespace) -> int:
     print(format_resize_summary(report))
     print(f"report: {args.out}/resize_report.json")
     return 0
-
-
-def _compute_dtype(text: str) -> str:
-    """argparse type of --compute-dtype: "auto" or any spelling of a dtype, as its short name."""
-    return text if text == "auto" else dtype_name(text)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

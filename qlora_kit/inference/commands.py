@@ -6,6 +6,7 @@ import argparse
 import json
 import textwrap
 
+from qlora_kit.dtypes import NAMES, dtype_name
 from qlora_kit.inference.evaluate import METRICS, EvalResult, evaluate, read_eval_records, write_predictions
 
 
@@ -175,7 +176,13 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="model folder, or 'demo' (default)")
     p.add_argument("--adapter", action="append", help="adapter folder (repeat to stack several)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--compute-dtype", default="auto")
+    p.add_argument("--compute-dtype", type=compute_dtype_arg, default="auto", metavar="{auto," + ",".join(NAMES) + "}")
+
+
+
+def compute_dtype_arg(text: str) -> str:
+    """argparse type of --compute-dtype: "auto" or any spelling of a dtype, as its short name."""
+    return text if text == "auto" else dtype_name(text)
 
 
 def add_parsers(sub) -> None:

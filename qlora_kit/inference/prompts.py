@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from qlora_kit.config import DataConfig
 from qlora_kit.data import DataError
+from qlora_kit.data.contract import prompt_contract
 from qlora_kit.data.formats import detect_format, render
 from qlora_kit.data.tokenize import to_text
 
@@ -82,6 +83,7 @@ def record_prompt(
         )
     reference = record_reference(record, fmt)
     cfg = DataConfig(system_prompt=system or "")
+    prompt_contract(tokenizer, cfg)  # as training decided it: a template-less tokenizer gets its named template
     rendered = to_text(render(_with_empty_reply(record, fmt), fmt, tokenizer, cfg, where), tokenizer, where)
     text, spans, templated = rendered.text, rendered.spans, rendered.templated
     if not spans:
