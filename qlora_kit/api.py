@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from qlora_kit.config import TrainConfig
@@ -32,6 +33,7 @@ def train(config: TrainConfig | str | Path, *overrides: str, resume: bool = Fals
     """
     if not isinstance(config, TrainConfig):
         config = load_train_config(config, list(overrides))
-    elif config.model.path == "demo":
-        config.model.path = str(resolve_model_path("demo"))
+    elif config.model.path == "demo":  # a copy: the caller's config keeps its alias
+        model = dataclasses.replace(config.model, path=str(resolve_model_path("demo")))
+        config = dataclasses.replace(config, model=model)
     return _train(config, resume=resume, progress=progress, force=force, overwrite=overwrite)

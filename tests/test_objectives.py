@@ -2,14 +2,13 @@
 gradient accumulation. Tiny 4-bit model, fp32 compute: tolerances are fp32 round-off."""
 import json
 import math
-import os
-import signal
 from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import load_tiny
+from test_train import _interrupt_at  # the same SIGINT-after-step hook the SFT resume test uses
 
 from qlora_kit import LoraConfig, add_lora
 from qlora_kit.config import DataConfig, TrainingConfig
@@ -232,20 +231,6 @@ def _preference_config(tmp_path, model_dir, objective, **training):
                  "training.optimizer=adamw", "training.lr=5e-3", "training.gradient_checkpointing=off",
                  f"training.objective={objective}"]
     return load_train_config(None, overrides + [f"training.{k}={v}" for k, v in training.items()])
-
-
-def _interrupt_at(monkeypatch, step):
-    """Deliver SIGINT to ourselves right after optimizer step ``step`` is logged."""
-    from qlora_kit.training import metrics
-
-    original = metrics.MetricsLog.write
-
-    def write(self, record):
-        original(self, record)
-        if record.get("step") == step and "loss" in record:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(metrics.MetricsLog, "write", write)
 
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
