@@ -337,3 +337,16 @@ def test_tool_role_only_when_the_chat_template_mentions_tools(tok, tmp_path):
     with_tools.chat_template = "{# tools: role 'tool' supported #}" + tok.chat_template
     train, _, _ = prepare_data(DataConfig(train_file=str(path), format="chat"), with_tools)
     assert len(train) == 1 and "sunny" in with_tools.decode(train[0].input_ids)
+
+
+def test_config_format_names_are_the_formats_table():
+    """DataConfig.format's check (config layer, which cannot import data) names exactly the FORMATS entries."""
+    from qlora_kit.config import ConfigError, DataConfig
+    from qlora_kit.data.formats import FORMATS
+
+    for name in FORMATS:
+        DataConfig(format=name).validate()
+    with pytest.raises(ConfigError) as refused:
+        DataConfig(format="nope").validate()
+    listed = set(str(refused.value).split("; use ", 1)[1].replace(" or ", ", ").split(", ")) - {"auto"}
+    assert listed == set(FORMATS)
