@@ -126,3 +126,80 @@ def test_causal_lm_loss_reads_softcap_from_config(lora_model):
         model.config.final_logit_softcapping = None
     torch.testing.assert_close(capped, ref, **TOL)
     assert not torch.allclose(capped, plain)
+
+
+def _frozen_head(bias: bool, dtype=torch.float32) -> nn.Linear:
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=bias).to(dtype)
+    head.requires_grad_(False)
+    return head
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("softcap,scale", [(None, 1.0), (5.0, 1.0), (None, 0.5), (3.0, 2.0)])
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_fused_head_loss_and_input_grad_match_full_logits(chunk, softcap, scale, bias):
+    """A frozen plain head takes the fused path (gradient computed in forward): same loss and hidden grads as
+    autograd through full logits, at fp32 tolerance."""
+    from qlora_kit.training.loss import _fusable
+
+    head = _frozen_head(bias)
+    hidden = torch.randn(3, 11, 16, requires_grad=True)
+    labels = _labels(torch.randint(0, 50, (3, 11)), 0.6, seed=1)
+    assert _fusable(head, hidden)
+    loss, _ = supervised_loss(hidden, labels, head, chunk_size=chunk, softcap=softcap, logit_scale=scale)
+    (loss * 0.37).backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    ref = _reference(head(hidden) * scale, labels, softcap)
+    (ref * 0.37).backward()
+    torch.testing.assert_close(loss, ref, **TOL)
+    torch.testing.assert_close(got, hidden.grad, **TOL)
+
+
+def test_fused_head_token_log_probs_take_per_row_upstream_gradients():
+    """reduction 'none' (DPO's log-probs): each row's gradient is scaled by its own upstream gradient."""
+    from qlora_kit.training.loss import token_log_probs
+
+    head = _frozen_head(bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = _labels(torch.randint(0, 50, (2, 9)), 0.7, seed=2)
+    logps, mask = token_log_probs(hidden, labels, head, chunk_size=4)
+    weights = torch.linspace(-1.0, 2.0, len(logps))
+    (logps * weights).sum().backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    ref = torch.log_softmax(head(hidden)[:, :-1][mask].float(), -1).gather(1, labels[:, 1:][mask][:, None]).squeeze(1)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(logps, ref, **TOL)
+    torch.testing.assert_close(got, hidden.grad, **TOL)
+
+
+def test_fused_head_in_bf16_matches_the_checkpointed_path():
+    """bf16 hidden and head: the fused path and autograd through the head agree to bf16 rounding."""
+    from qlora_kit.training import loss as loss_mod
+
+    head = _frozen_head(bias=False, dtype=torch.bfloat16)
+    hidden = torch.randn(4, 12, 16, dtype=torch.bfloat16, requires_grad=True)
+    labels = _labels(torch.randint(0, 50, (4, 12)), 0.8, seed=4)
+    fused, _ = supervised_loss(hidden, labels, head, chunk_size=5)
+    fused.backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    head.register_forward_pre_hook(lambda mod, inp: None)  # a hooked head takes the checkpointed autograd path
+    assert not loss_mod._fusable(head, hidden)
+    plain, _ = supervised_loss(hidden, labels, head, chunk_size=5)
+    plain.backward()
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got, hidden.grad, atol=2e-3, rtol=1e-2)
+
+
+def test_fused_head_not_used_for_a_trainable_head_or_without_grad():
+    from qlora_kit.training.loss import _fusable
+
+    head = nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 16, requires_grad=True)
+    assert not _fusable(head, hidden)  # the head trains (modules_to_save): autograd must reach its weight
+    head.requires_grad_(False)
+    with torch.no_grad():
+        assert not _fusable(head, hidden)  # evaluation: no gradient to compute

@@ -2,8 +2,14 @@
 
 A causal LM's head turns ``[b, s, h]`` hidden states into ``[b, s, V]`` logits; at V = 128k that tensor
 (plus its fp32 upcast and gradient) dwarfs the model's activations. Here only the positions that have a
-label go through the head, ``chunk_size`` rows at a time, each chunk under activation checkpointing, so one
-``[chunk, V]`` fp32 block is alive at a time in forward and in backward.
+label go through the head, ``chunk_size`` rows at a time, so one ``[chunk, V]`` fp32 block is alive at a time.
+
+In training, a frozen plain ``nn.Linear`` head takes the fused path (``_LinearCrossEntropy``): each chunk's
+forward also computes the loss's gradient with respect to its hidden rows (``softmax - onehot``, then one
+matmul with the head) and keeps only that ``[chunk, h]`` block for backward. Against autograd through the
+head plus ``cross_entropy`` under checkpointing, a step saves one head matmul, one log-softmax and one fp32
+upcast per chunk, with the same numbers. Any other head (trainable, quantized, wrapped or hooked, e.g. by
+FSDP) takes that checkpointed autograd path.
 """
 from __future__ import annotations
 
@@ -17,15 +23,31 @@ from torch.utils.checkpoint import checkpoint
 from qlora_kit.data import IGNORE_INDEX
 
 
+def _transform(raw: torch.Tensor, softcap: float | None, logit_scale: float
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fp32 logits ``[n, V]`` from the head's output as the model's forward makes them (scale, then softcap),
+    and ``tanh(z / softcap)`` ``[n, V]`` when softcapped (its derivative is needed by the fused path)."""
+    logits = raw.float()
+    if logit_scale != 1.0:
+        logits = logits.mul_(logit_scale)
+    if not softcap:
+        return logits, None
+    tanh = torch.tanh(logits.div_(softcap))
+    return tanh * softcap, tanh
+
+
+def _row_ce(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row CE ``[n]`` and logsumexp ``[n]`` of fp32 logits ``[n, V]``: one formula for every path, so the
+    policy and the reference of DPO (grad and no-grad) get bit-identical log-probs from identical logits."""
+    lse = torch.logsumexp(logits, dim=-1)  # [n]
+    return lse - logits.gather(1, targets[:, None]).squeeze(1), lse
+
+
 def _chunk_ce(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None,
               logit_scale: float, reduction: str = "sum") -> torch.Tensor:
     """CE of one chunk: hidden ``[n, h]``, targets ``[n]`` -> 0-dim (``"sum"``) or ``[n]`` (``"none"``) fp32."""
-    logits = head(hidden).float()  # [n, V]
-    if logit_scale != 1.0:
-        logits = logits * logit_scale
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction=reduction)
+    ce, _ = _row_ce(_transform(head(hidden), softcap, logit_scale)[0], targets)
+    return ce.sum() if reduction == "sum" else ce
 
 
 def _supervised_rows(hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int
@@ -40,13 +62,47 @@ def _supervised_rows(hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int
     return hidden[:, :-1][mask], targets[mask].to(torch.long), mask  # [n, h], [n], [b, s-1]
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-row CE of ``softcap(scale * (h W^T + b))`` against targets, its input gradient computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, logit_scale):
+        logits, tanh = _transform(F.linear(hidden, weight, bias), softcap, logit_scale)  # [n, V]
+        loss, lse = _row_ce(logits, targets)  # [n]
+        grad = logits.sub_(lse[:, None]).exp_()  # softmax [n, V], in place
+        grad[torch.arange(len(targets), device=targets.device), targets] -= 1.0  # d loss_i / d logit_i
+        if tanh is not None:
+            grad.mul_(1.0 - tanh * tanh)
+        if logit_scale != 1.0:
+            grad.mul_(logit_scale)
+        ctx.save_for_backward(grad.to(hidden.dtype) @ weight)  # d loss_i / d hidden_i  [n, h]
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):  # g [n]: the upstream gradient of each row's loss
+        (d_hidden,) = ctx.saved_tensors
+        return d_hidden * g[:, None].to(d_hidden.dtype), None, None, None, None, None
+
+
+def _fusable(head: nn.Module, rows: torch.Tensor) -> bool:
+    """True when the head is a frozen plain ``nn.Linear`` called without hooks, in grad mode."""
+    return (torch.is_grad_enabled() and rows.requires_grad and type(head) is nn.Linear
+            and not head.weight.requires_grad and type(head.weight.data) is torch.Tensor
+            and not head._forward_hooks and not head._forward_pre_hooks)
+
+
 def _chunks(rows: torch.Tensor, targets: torch.Tensor, head: nn.Module, chunk_size: int, softcap: float | None,
             logit_scale: float, reduction: str) -> Iterator[torch.Tensor]:
-    """``_chunk_ce`` over ``chunk_size`` rows at a time, each under activation checkpointing when grads are on."""
+    """``_chunk_ce`` over ``chunk_size`` rows at a time: fused for a frozen plain head in grad mode, else each
+    chunk under activation checkpointing when grads are on."""
+    fused = _fusable(head, rows)
     use_checkpoint = torch.is_grad_enabled()
     for start in range(0, len(rows), chunk_size):
         h, y = rows[start:start + chunk_size], targets[start:start + chunk_size]  # [c, h], [c]
-        if use_checkpoint:
+        if fused:
+            part = _LinearCrossEntropy.apply(h, head.weight, head.bias, y, softcap, logit_scale)  # [c]
+            yield part.sum() if reduction == "sum" else part
+        elif use_checkpoint:
             yield checkpoint(_chunk_ce, h, y, head, softcap, logit_scale, reduction, use_reentrant=False)
         else:
             yield _chunk_ce(h, y, head, softcap, logit_scale, reduction)
