@@ -184,12 +184,13 @@ def worker_ours(args) -> dict:
     config.training.save_every = 0
     config.training.max_steps = args.max_steps
     config.training.seed = SEED
+    config.training.compile = "on" if args.compile else "off"
     from qlora_kit.model.load import load_model
 
     model, tokenizer = load_model(model_path)  # defaults: NF4 + double quant, compute dtype auto (as the demo does)
     result = train(config, progress=False, model=model, tokenizer=tokenizer)
-    losses = [json.loads(line)["loss"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in line]
+    steps = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    losses = [s["loss"] for s in steps]
     peaks = training_peaks()
     _, evals, _ = prepare_examples(data_dir, model_path)
     lora_params = sum(p.numel() for _, layer in lora_layers(model) for p in layer.adapters.parameters())
@@ -197,6 +198,8 @@ def worker_ours(args) -> dict:
             "checkpointing": json.loads((out / "run" / "run_info.json").read_text())["gradient_checkpointing"],
             "steps": result.steps, "tokens": result.tokens, "supervised": result.supervised_tokens,
             "train_s": result.seconds, "losses": losses, "lora_params": lora_params,
+            # the first step (the compilation, with training.compile on): its seconds and tokens
+            "first_step_s": steps[0]["step_s"], "first_step_tokens": steps[0]["tokens_per_s"] * steps[0]["step_s"],
             "val_loss": validation_loss(model, evals, tokenizer.pad_token_id),
             "own_eval_loss": result.eval_loss, **peaks}
 
@@ -286,6 +289,8 @@ def launch(name: str, kind: str, args, out: Path, data: Path, model: Path, **ext
         cmd += ["--dtype", extra["dtype"]] + (["--checkpointing"] if extra["checkpointing"] else [])
     if extra.get("no_eval"):
         cmd.append("--no-eval")
+    if extra.get("compile"):
+        cmd.append("--compile")
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[2:])}", flush=True)
     t = time.perf_counter()
     with open(out / "log.txt", "w") as log:
@@ -343,7 +348,9 @@ def main() -> int:
                         "a 2-core AVX2 CPU; the demo itself trains 600)")
     p.add_argument("--eval-examples", type=int, default=100)
     p.add_argument("--max-steps", type=int, default=0, help="optimizer steps per run (0: one epoch)")
-    p.add_argument("--runs", default="ours,peer-default,peer-best")
+    p.add_argument("--runs", default="ours,peer-default,peer-best",
+                   help="comma list of ours, ours-compiled (training.compile on; steady state after its first step), "
+                        "peer-default, peer-best")
     p.add_argument("--peer-default-steps", type=int, default=2,
                    help="optimizer steps of the peer-default run (0: as many as the others). Its bf16 recipe runs "
                         "~5 tokens/s on a CPU without native bf16, so by default it is timed, not trained to the end; "
@@ -366,6 +373,7 @@ def main() -> int:
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-eval", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         run_worker(args)
@@ -403,8 +411,8 @@ def main() -> int:
         print(f"peer-best probe ({args.probe_steps} steps, no checkpointing): " +
               ", ".join(f"{d} {v:.0f} tokens/s" for d, v in probe.items()) + f" -> {best_dtype}", flush=True)
     for name in runs:
-        if name == "ours":
-            results[name] = launch(name, "ours", args, out / name, data, model)
+        if name in ("ours", "ours-compiled"):
+            results[name] = launch(name, "ours", args, out / name, data, model, compile=name == "ours-compiled")
         elif name == "peer-default":
             results[name] = launch(name, "peer", args, out / name, data, model, dtype="bf16", checkpointing=True,
                                    max_steps=args.peer_default_steps or args.max_steps,
@@ -417,6 +425,10 @@ def main() -> int:
     counts = flop_counts(model, next(iter(results.values()))["lora_params"])
     rows = []
     for name, r in results.items():
+        if name == "ours-compiled":  # steady state: the first step compiles (its time is printed below)
+            r["train_s"] -= r["first_step_s"]
+            r["tokens"] -= round(r["first_step_tokens"])
+            r["supervised"] = round(r["supervised"] * r["tokens"] / (r["tokens"] + r["first_step_tokens"]))
         tps, sps = r["tokens"] / r["train_s"], r["supervised"] / r["train_s"]
         gflops = useful_flops(counts, r["tokens"], r["supervised"]) / r["train_s"] / 1e9
         tail = r["losses"][-10:]
@@ -437,23 +449,28 @@ def main() -> int:
           f"load average at the end {load_average()}")
     if probe:
         print("peer-best dtype probe: " + ", ".join(f"{d} {v:.0f} tokens/s" for d, v in probe.items()) + f" -> {best_dtype}")
+    if "ours-compiled" in results:
+        print(f"ours-compiled: steps 2 on (steady state); its first step, with the compilation, took "
+              f"{results['ours-compiled']['first_step_s']:.0f} s")
     ratios = {}
-    if "ours" in results:
-        o = results["ours"]
+    for ours in ("ours", "ours-compiled"):
+        if ours not in results:
+            continue
+        o = results[ours]
         for peer in ("peer-default", "peer-best"):
             if peer in results:
                 q = results[peer]
-                ratios[peer] = {"tokens_per_s": o["tokens_per_s"] / q["tokens_per_s"],
+                ratios[f"{ours}/{peer}"] = {"tokens_per_s": o["tokens_per_s"] / q["tokens_per_s"],
                                 "peak_rss": o["peak_rss_mb"] / q["peak_rss_mb"],
                                 "peak_anon": o["peak_anon_mb"] / q["peak_anon_mb"],
                                 "train_peak_anon": o["train_peak_anon_mb"] / q["train_peak_anon_mb"],
                                 "val_loss": o["val_loss"] / q["val_loss"],
                                 "wall": o["wall_s"] / q["wall_s"]}
-                x = ratios[peer]
+                x = ratios[f"{ours}/{peer}"]
                 same_steps = q["steps"] == o["steps"]
                 quality = (f"val loss {x['val_loss']:.3f}x ({'within 2% or better' if x['val_loss'] <= 1.02 else 'WORSE than 2%'})"
                            if same_steps else f"val loss not compared ({q['steps']} vs {o['steps']} steps: timed only)")
-                print(f"ours/{peer}: tokens/s {x['tokens_per_s']:.2f}x, peak RSS {x['peak_rss']:.2f}x, "
+                print(f"{ours}/{peer}: tokens/s {x['tokens_per_s']:.2f}x, peak RSS {x['peak_rss']:.2f}x, "
                       f"peak RssAnon {x['peak_anon']:.2f}x (training phase {x['train_peak_anon']:.2f}x), {quality}, "
                       f"wall {x['wall']:.2f}x")
     info["load_after"] = load_average()

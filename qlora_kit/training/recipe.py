@@ -13,6 +13,7 @@ from pathlib import Path
 
 from qlora_kit.config import TrainConfig
 from qlora_kit.data.batching import collate_pairs
+from qlora_kit.model.compile import eager
 from qlora_kit.model.lora import inference_rank, set_rank
 from qlora_kit.training.checkpoint import load_trainer_state
 from qlora_kit.training.distributed import make_accelerator, quiet_other_ranks
@@ -22,7 +23,7 @@ from qlora_kit.training.objectives import evaluate_preference
 from qlora_kit.training.outputs import checkpoint, finish, save_best_adapter, start_records
 from qlora_kit.training.run import Run, TrainResult
 from qlora_kit.training.run_folder import check_run_folder
-from qlora_kit.training.setup import finished_result, plan_schedule, restore, resume_run, setup
+from qlora_kit.training.setup import apply_compile, finished_result, plan_schedule, restore, resume_run, setup
 from qlora_kit.training.step import StepOutcome, StopFlag, optimizer_step
 from qlora_kit.training.validate import validate_run
 
@@ -51,6 +52,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     run = setup(config, checked, folder, accelerator, schedule, model)
     if folder.resume_from is not None:
         resume_run(run, folder.resume_from)
+    apply_compile(run)
     start_records(run, progress)
     run.core.train()
     with StopFlag() as stop:
@@ -92,11 +94,13 @@ def accept(run: Run, step: int, outcome: StepOutcome) -> None:
     """Count an applied step: time, loss, metrics.jsonl (every ``log_every`` steps and the last), progress bar."""
     run.recovery.accepted()
     p, tc = run.progress, run.config.training
-    p.seconds += time.perf_counter() - outcome.started
+    elapsed = time.perf_counter() - outcome.started
+    p.seconds += elapsed
     p.last_loss = outcome.loss
     p.done = step + 1
     record = {"step": p.done, "loss": round(outcome.loss, 6), "lr": outcome.lr,
-              "grad_norm": round(outcome.grad_norm, 6), "tokens_per_s": round(p.tokens / p.seconds, 2), "supervised_tokens": outcome.supervised_tokens}
+              "grad_norm": round(outcome.grad_norm, 6), "tokens_per_s": round(p.tokens / p.seconds, 2), "supervised_tokens": outcome.supervised_tokens,
+              "step_s": round(elapsed, 3)}
     if outcome.rank is not None:
         record["rank"] = outcome.rank
     record.update({k: round(v, 6) for k, v in (outcome.pairs or {}).items()})
@@ -116,7 +120,8 @@ def maybe_evaluate(run: Run) -> None:
     if not run.eval_set or not due:
         return
     set_rank(run.core, inference_rank(run.config.lora))  # lora.active_rank, r by default
-    p.eval_loss, extra = validation_loss(run)
+    with eager():  # compiled layers would recompile for no-grad evaluation
+        p.eval_loss, extra = validation_loss(run)
     run.core.train()
     improved = p.best_eval_loss is None or p.eval_loss < p.best_eval_loss
     if improved:

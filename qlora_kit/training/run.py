@@ -101,6 +101,7 @@ class Run:
     metrics: MetricsLog | None = None  # metrics.jsonl, opened once the run's records are written
     bar: Any = None  # the tqdm progress bar of the training loop
     epoch_batches: dict[int, list[list[int]]] = field(default_factory=dict)  # the current epoch's micro-batches
+    compiled: bool | None = None  # decoder layers under torch.compile (None: not decided yet; a resume keeps the saved choice)
 
     @property
     def main(self) -> bool:
@@ -114,4 +115,4 @@ class Run:
                 "world_size": self.schedule.world, "micro_batches_per_step": self.schedule.micro_per_step,
                 "sharded": self.fsdp, "tokens": p.tokens, "supervised_tokens": p.supervised_tokens,
                 "seconds": p.seconds, "health": self.monitor.state(), "recovery": self.recovery.state(),
-                "cpu_threads": torch.get_num_threads()}
+                "cpu_threads": torch.get_num_threads(), "compiled": self.compiled}

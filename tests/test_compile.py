@@ -1,0 +1,88 @@
+"""training.compile: compiled decoder layers give the eager loss and LoRA gradients; the auto rule; eager()."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import load_tiny
+
+from qlora_kit import LoraConfig, add_lora
+from qlora_kit.config import ConfigError, TrainConfig
+from qlora_kit.model.compile import compile_layers, decoder_layers, eager
+from qlora_kit.training.loss import causal_lm_loss
+
+
+def _batch(seq: int, seed: int) -> dict:
+    ids = torch.randint(3, 100, (2, seq), generator=torch.Generator().manual_seed(seed))
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def _loss_and_grads(model, batch) -> tuple[float, dict]:
+    loss, n = causal_lm_loss(model, batch)
+    (loss / n).backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def test_compiled_layers_match_eager_across_batch_shapes(tiny_model_dir):
+    """fp32: compiled and eager steps agree to 1e-5 on two sequence lengths (dynamic shapes, one compilation)."""
+    torch._dynamo.reset()
+    model, _ = load_tiny(tiny_model_dir)
+    add_lora(model, LoraConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    batches = [_batch(12, 0), _batch(17, 1)]
+    reference = [_loss_and_grads(model, b) for b in batches]
+    assert compile_layers(model) == len(decoder_layers(model)) == model.config.num_hidden_layers
+    for b, (ref_loss, ref_grads) in zip(batches, reference, strict=True):
+        loss, grads = _loss_and_grads(model, b)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["ok"] >= 1
+    with eager():  # evaluation inside training: the original forward, no new compilation
+        before = frames["total"]
+        with torch.no_grad():
+            model(input_ids=batches[0]["input_ids"])
+        assert frames["total"] == before
+    torch._dynamo.reset()
+
+
+def _fake_run(compile: str, steps: int, tokens_per_example: int, **overrides):
+    cfg = TrainConfig()
+    cfg.training.compile = compile
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    layer = torch.nn.Linear(1, 1)
+    layer.weight.quant_state = SimpleNamespace(shape=torch.Size([10_000, 10_000]))  # 1e8 quantized params
+    return SimpleNamespace(config=cfg, accelerator=SimpleNamespace(device=torch.device("cpu")),
+                           schedule=SimpleNamespace(world=1, total_steps=steps, steps_per_epoch=steps),
+                           core=torch.nn.Sequential(layer), train_set=[SimpleNamespace(input_ids=[0] * tokens_per_example)] * 100)
+
+
+def test_auto_compiles_only_runs_long_enough_to_repay_it():
+    from qlora_kit.training.setup import choose_compile
+
+    # 4 x 1e8 params x (100 examples x T tokens): T = 1000 -> 4e13 (eager), T = 5000 -> 2e14 (compile)
+    assert not choose_compile(_fake_run("auto", 10, 1000))
+    assert choose_compile(_fake_run("auto", 10, 5000))
+    assert not choose_compile(_fake_run("auto", 10, 5000, lora__dynamic_rank=True))
+    assert not choose_compile(_fake_run("auto", 10, 5000, training__objective="dpo"))
+    assert choose_compile(_fake_run("on", 1, 1)) and not choose_compile(_fake_run("off", 10, 5000))
+
+
+def test_compile_on_with_dynamic_rank_is_a_config_error():
+    cfg = TrainConfig()
+    cfg.model.path, cfg.data.train_file = "m", "d.jsonl"
+    cfg.training.compile, cfg.lora.dynamic_rank = "on", True
+    with pytest.raises(ConfigError, match="training.compile"):
+        cfg.validate()
+    cfg.training.compile = "sometimes"
+    with pytest.raises(ConfigError, match="use on, off or auto"):
+        cfg.validate()
