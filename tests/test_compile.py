@@ -29,6 +29,7 @@ def _loss_and_grads(model, batch) -> tuple[float, dict]:
 def test_compiled_layers_match_eager_across_batch_shapes(tiny_model_dir):
     """fp32: compiled and eager steps agree to 1e-5 on two sequence lengths (dynamic shapes, one compilation)."""
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model, _ = load_tiny(tiny_model_dir)
     add_lora(model, LoraConfig(r=4, alpha=8))
     with torch.no_grad():
@@ -37,14 +38,14 @@ def test_compiled_layers_match_eager_across_batch_shapes(tiny_model_dir):
                 p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
     batches = [_batch(12, 0), _batch(17, 1)]
     reference = [_loss_and_grads(model, b) for b in batches]
-    assert compile_layers(model) == len(decoder_layers(model)) == model.config.num_hidden_layers
+    assert compile_layers(model) == len(decoder_layers(model)) - 1 == model.config.num_hidden_layers - 1
     for b, (ref_loss, ref_grads) in zip(batches, reference, strict=True):
         loss, grads = _loss_and_grads(model, b)
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
     frames = torch._dynamo.utils.counters["frames"]
-    assert frames["ok"] >= 1
+    assert frames["ok"] == frames["total"] == 1  # one graph for both lengths (the first layer stays eager)
     with eager():  # evaluation inside training: the original forward, no new compilation
         before = frames["total"]
         with torch.no_grad():
