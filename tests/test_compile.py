@@ -7,7 +7,7 @@ from conftest import load_tiny
 
 from qlora_kit import LoraConfig, add_lora
 from qlora_kit.config import ConfigError, TrainConfig
-from qlora_kit.model.compile import compile_layers, decoder_layers, eager
+from qlora_kit.model.compile import compiled_for_training, decoder_layers, eager
 from qlora_kit.training.loss import causal_lm_loss
 
 
@@ -38,19 +38,21 @@ def test_compiled_layers_match_eager_across_batch_shapes(tiny_model_dir):
                 p.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
     batches = [_batch(12, 0), _batch(17, 1)]
     reference = [_loss_and_grads(model, b) for b in batches]
-    assert compile_layers(model) == len(decoder_layers(model)) - 1 == model.config.num_hidden_layers - 1
-    for b, (ref_loss, ref_grads) in zip(batches, reference, strict=True):
-        loss, grads = _loss_and_grads(model, b)
-        assert loss == pytest.approx(ref_loss, rel=1e-5)
-        for name, g in grads.items():
-            torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-    frames = torch._dynamo.utils.counters["frames"]
-    assert frames["ok"] == frames["total"] == 1  # one graph for both lengths (the first layer stays eager)
-    with eager():  # evaluation inside training: the original forward, no new compilation
-        before = frames["total"]
-        with torch.no_grad():
-            model(input_ids=batches[0]["input_ids"])
-        assert frames["total"] == before
+    layers = decoder_layers(model)
+    with compiled_for_training(model, True):
+        assert [layer._compiled_call_impl is not None for layer in layers] == [False] + [True] * (len(layers) - 1)
+        for b, (ref_loss, ref_grads) in zip(batches, reference, strict=True):
+            loss, grads = _loss_and_grads(model, b)
+            assert loss == pytest.approx(ref_loss, rel=1e-5)
+            for name, g in grads.items():
+                torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        frames = torch._dynamo.utils.counters["frames"]
+        assert frames["ok"] == frames["total"] == 1  # one graph for both lengths (the first layer stays eager)
+        with eager():  # evaluation inside training: the original forward, no new compilation
+            with torch.no_grad():
+                model(input_ids=batches[0]["input_ids"])
+            assert frames["total"] == 1
+    assert all(layer._compiled_call_impl is None for layer in layers)  # handed back as it came
     torch._dynamo.reset()
 
 

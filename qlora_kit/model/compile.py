@@ -36,6 +36,23 @@ def compile_layers(model: nn.Module) -> int:
     return len(layers)
 
 
+@contextlib.contextmanager
+def compiled_for_training(model: nn.Module, enabled: bool):
+    """Inside the block the decoder layers run compiled (when ``enabled``); on exit they are plain modules again,
+    so a model passed in by the caller is handed back as it came."""
+    layers = []
+    if enabled:
+        layers = decoder_layers(model)[1:]
+        compile_layers(model)
+        log.info("torch.compile: %d decoder layers; the first steps compile them (about a minute on a CPU, one "
+                 "graph for padded and one for unpadded batches)", len(layers))
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager __call__
+
+
 def eager():
     """A context in which compiled layers run their original Python forward (no compilation, no recompile)."""
     return torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") else contextlib.nullcontext()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qlora_kit.config import TrainConfig
 from qlora_kit.data.batching import collate_pairs
-from qlora_kit.model.compile import eager
+from qlora_kit.model.compile import compiled_for_training, eager
 from qlora_kit.model.lora import inference_rank, set_rank
 from qlora_kit.training.checkpoint import load_trainer_state
 from qlora_kit.training.distributed import make_accelerator, quiet_other_ranks
@@ -23,7 +23,14 @@ from qlora_kit.training.objectives import evaluate_preference
 from qlora_kit.training.outputs import checkpoint, finish, save_best_adapter, start_records
 from qlora_kit.training.run import Run, TrainResult
 from qlora_kit.training.run_folder import check_run_folder
-from qlora_kit.training.setup import apply_compile, finished_result, plan_schedule, restore, resume_run, setup
+from qlora_kit.training.setup import (
+    choose_compile,
+    finished_result,
+    plan_schedule,
+    restore,
+    resume_run,
+    setup,
+)
 from qlora_kit.training.step import StepOutcome, StopFlag, optimizer_step
 from qlora_kit.training.validate import validate_run
 
@@ -52,10 +59,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     run = setup(config, checked, folder, accelerator, schedule, model)
     if folder.resume_from is not None:
         resume_run(run, folder.resume_from)
-    apply_compile(run)
+    if run.compiled is None:  # a resumed run keeps its checkpoint's choice
+        run.compiled = choose_compile(run)
     start_records(run, progress)
     run.core.train()
-    with StopFlag() as stop:
+    with StopFlag() as stop, compiled_for_training(run.core, run.compiled):
         for step in range(run.progress.done, schedule.total_steps):
             outcome = optimizer_step(run, step, stop)
             if outcome.problem is not None:

@@ -20,7 +20,6 @@ from qlora_kit.data.batching import make_batches
 from qlora_kit.data.preference import n_tokens
 from qlora_kit.data.prepare import Prepared
 from qlora_kit.model.adapters import assign_adapter
-from qlora_kit.model.compile import compile_layers
 from qlora_kit.model.load import load_model, set_gradient_checkpointing
 from qlora_kit.model.lora import add_lora
 from qlora_kit.planning.fit import plan_run
@@ -187,11 +186,3 @@ def choose_compile(run: Run) -> bool:
              else "eager")
     return work >= COMPILE_MIN_FLOP
 
-
-def apply_compile(run: Run) -> None:
-    """Compile the decoder layers when ``choose_compile`` says so (or the resumed checkpoint did)."""
-    if run.compiled is None:
-        run.compiled = choose_compile(run)
-    if run.compiled:
-        n = compile_layers(run.core)
-        log.info("torch.compile: %d decoder layers; the first step compiles them (about a minute on a CPU)", n)
