@@ -68,13 +68,34 @@ def available_memory(device: torch.device) -> int:
     return 2**63  # unknown: never force checkpointing on
 
 
-def choose_cpu_threads() -> int:
-    """Set torch's CPU thread count for this process by how busy the machine is, and return it.
+def idle_cores(seconds: float = 0.3) -> float | None:
+    """How many cores sat idle over the next ``seconds`` (from /proc/stat), or None where that can't be read.
 
-    With every core free, all cores. When other processes already keep the cores busy (1-minute load average
-    at or above cores - 0.5), one thread: OpenMP threads that wait on each other at every op barrier made a
-    training step 6x slower than one thread on a loaded 2-core CPU (docs/benchmarks.md). ``OMP_NUM_THREADS``
-    or ``QLORA_KIT_THREADS`` in the environment decide instead when set.
+    An instantaneous measure: the 1-minute load average lags a competitor that started seconds ago."""
+    import os
+    import time
+
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, all (guest time is inside user)
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def choose_cpu_threads() -> int:
+    """Set torch's CPU thread count for this process by how many cores are free, and return it.
+
+    One thread per idle core (at least one), measured over a third of a second before the run starts: OpenMP
+    threads that wait on each other at every op barrier made a training step several times slower than one
+    thread when another process kept a core busy (docs/benchmarks.md). Where /proc/stat can't be read, the
+    1-minute load average decides. ``OMP_NUM_THREADS`` or ``QLORA_KIT_THREADS`` in the environment decide
+    instead when set.
     """
     import os
 
@@ -83,10 +104,11 @@ def choose_cpu_threads() -> int:
         threads = int(os.environ.get("QLORA_KIT_THREADS") or os.environ["OMP_NUM_THREADS"])
         why = "from the environment"
     else:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        busy = cores > 1 and load >= cores - 0.5
-        threads = 1 if busy else cores
-        why = f"load average {load:.1f} on {cores} cores" + (": other processes compete" if busy else "")
+        idle = idle_cores() if cores > 1 else None
+        if idle is None:
+            idle = cores - (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
+        threads = max(1, min(cores, round(idle)))
+        why = f"{idle:.1f} of {cores} cores idle" + (": other processes compete" if threads < cores else "")
     if torch.get_num_threads() != threads:
         torch.set_num_threads(max(1, threads))
         log.info("CPU threads: %d (%s)", threads, why)

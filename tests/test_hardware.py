@@ -42,25 +42,41 @@ def test_dtype_names_come_from_the_one_table():
         build_parser().parse_args(["generate", "--compute-dtype", "int3"])
 
 
-def test_cpu_threads_drop_to_one_when_other_processes_compete(monkeypatch):
-    """All cores on an idle machine; one thread when the load average says the cores are already busy; the
-    environment decides when it names a count."""
+def test_cpu_threads_follow_the_idle_cores(monkeypatch):
+    """One thread per idle core (at least one): all cores on an idle machine, one when a competing process keeps
+    one of two cores busy; the load average when /proc/stat is unreadable; the environment decides when set."""
     import os
 
     import torch
 
-    from qlora_kit.hardware import choose_cpu_threads
+    from qlora_kit import hardware
 
     before = torch.get_num_threads()
     monkeypatch.delenv("QLORA_KIT_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     try:
+        for idle, threads in ((1.9, 2), (0.9, 1), (0.0, 1)):
+            monkeypatch.setattr(hardware, "idle_cores", lambda idle=idle: idle)
+            assert hardware.choose_cpu_threads() == threads
+        monkeypatch.setattr(hardware, "idle_cores", lambda: None)
         monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
-        assert choose_cpu_threads() == 2
-        monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))
-        assert choose_cpu_threads() == 1
+        assert hardware.choose_cpu_threads() == 2
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.1, 1.0, 1.0))
+        assert hardware.choose_cpu_threads() == 1
         monkeypatch.setenv("QLORA_KIT_THREADS", "2")
-        assert choose_cpu_threads() == 2
+        assert hardware.choose_cpu_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_idle_cores_reads_proc_stat():
+    import os
+
+    from qlora_kit.hardware import idle_cores
+
+    idle = idle_cores(0.05)
+    if not os.path.exists("/proc/stat"):
+        assert idle is None
+    else:
+        assert 0.0 <= idle <= (os.cpu_count() or 1) + 1e-9
