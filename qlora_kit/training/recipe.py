@@ -50,6 +50,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     """
     quiet_other_ranks()
     checked = validate_run(config, tokenizer, force)  # config, model folder, LoRA targets, every record; no weights
+    config = checked.config  # with model.adapter: its LoRA settings
     folder = check_run_folder(Path(config.training.output_dir), resume, overwrite)
     accelerator = make_accelerator(cpu=config.model.device == "cpu")
     schedule = plan_schedule(config, checked.train_set, accelerator.num_processes)
