@@ -341,6 +341,11 @@ class TrainConfig:
             raise ConfigError("training.compile: on cannot compile "
                               f"{'lora.dynamic_rank (a new rank every step)' if self.lora.dynamic_rank else 'model.offload'}"
                               "; set training.compile: off (or auto)")
+        tc = self.training
+        for key, value in (("dpo_reference", "adapter"), ("reference_logps", "cache")):
+            if getattr(tc, key) == value and tc.objective != "dpo":
+                raise ConfigError(f"training.{key}={value}: only DPO has a reference (training.objective={tc.objective}); "
+                                  f"set training.objective=dpo or leave {key} at auto")
         if self.training.dpo_reference == "adapter" and not self.model.adapter:
             raise ConfigError("training.dpo_reference=adapter: needs model.adapter (the adapter whose frozen copy is "
                               "the reference); set model.adapter or use dpo_reference=base")

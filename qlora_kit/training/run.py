@@ -102,6 +102,7 @@ class Run:
     bar: Any = None  # the tqdm progress bar of the training loop
     epoch_batches: dict[int, list[list[int]]] = field(default_factory=dict)  # the current epoch's micro-batches
     compiled: bool | None = None  # decoder layers under torch.compile (None: not decided yet; a resume keeps the saved choice)
+    reference: Any = None  # dpo with cached reference log-probs: reference_cache.ReferenceLogps; None: live
 
     @property
     def main(self) -> bool:

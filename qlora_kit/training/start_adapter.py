@@ -16,7 +16,13 @@ from pathlib import Path
 from torch import nn
 
 from qlora_kit.config import ConfigError, LoraConfig, TrainConfig
-from qlora_kit.model.adapters import AdapterFile, AdapterMismatchError, assign_adapter, check_matches, read_adapter
+from qlora_kit.model.adapters import (
+    AdapterFile,
+    AdapterMismatchError,
+    assign_adapter,
+    check_matches,
+    read_adapter,
+)
 from qlora_kit.model.lora import resolve_targets
 from qlora_kit.model.reference import freeze_reference
 
