@@ -9,22 +9,9 @@ import torch
 from conftest import load_tiny
 from test_objectives import _preference_config
 
-from qlora_kit import LoraConfig, add_lora, save_adapter
 from qlora_kit.config import ConfigError, TrainConfig
 from qlora_kit.model.lora import lora_layers, set_rank
 from qlora_kit.model.reference import REFERENCE, freeze_reference, reference
-
-
-@pytest.fixture(scope="module")
-def sft_adapter(tiny_model_dir, tmp_path_factory):
-    """A rank-4 adapter on q/v/up of the tiny model with small random B (an "SFT adapter"), saved by qlora-kit."""
-    model, _ = load_tiny(tiny_model_dir)
-    torch.manual_seed(1)
-    add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
-    with torch.no_grad():
-        for _, layer in lora_layers(model):
-            layer.adapters["default"].lora_B.normal_(0, 0.05)
-    return save_adapter(model, tmp_path_factory.mktemp("sft") / "adapter")
 
 
 def _no_model_load(monkeypatch):
@@ -41,7 +28,7 @@ def _train(config):
     return train(config, progress=False)
 
 
-def test_missing_or_bad_adapter_is_one_line_error_naming_the_field(tmp_path, tiny_model_dir, sft_adapter,
+def test_missing_or_bad_adapter_is_one_line_error_naming_the_field(tmp_path, tiny_model_dir, sft_adapter_dir,
                                                                    monkeypatch):
     _no_model_load(monkeypatch)
     config = _preference_config(tmp_path / "a", tiny_model_dir, "dpo", max_steps=1)
@@ -50,21 +37,21 @@ def test_missing_or_bad_adapter_is_one_line_error_naming_the_field(tmp_path, tin
         _train(config)
     assert "\n" not in str(e.value)
     broken = tmp_path / "broken"
-    shutil.copytree(sft_adapter, broken)
+    shutil.copytree(sft_adapter_dir, broken)
     (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4,}')
     config.model.adapter = str(broken)
     with pytest.raises(ConfigError, match=r"^model\.adapter: .*adapter_config.json line 1: invalid JSON"):
         _train(config)
-    cfg = json.loads((sft_adapter / "adapter_config.json").read_text())
+    cfg = json.loads((sft_adapter_dir / "adapter_config.json").read_text())
     (broken / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
     with pytest.raises(ConfigError, match=r'^model\.adapter: .*field "r" is 8 but the tensors have rank 4'):
         _train(config)
 
 
-def test_lora_section_conflicting_with_the_adapter_is_an_error(tmp_path, tiny_model_dir, sft_adapter, monkeypatch):
+def test_lora_section_conflicting_with_the_adapter_is_an_error(tmp_path, tiny_model_dir, sft_adapter_dir, monkeypatch):
     _no_model_load(monkeypatch)
     config = _preference_config(tmp_path / "a", tiny_model_dir, "dpo", max_steps=1)
-    config.model.adapter = str(sft_adapter)
+    config.model.adapter = str(sft_adapter_dir)
     config.lora.r = 8  # the adapter has r=4 (and _preference_config sets lora.r=4 explicitly: no conflict there)
     with pytest.raises(ConfigError, match=r"lora\.r=8 conflicts with model\.adapter \(r=4 .*set it to 4"):
         _train(config)
@@ -89,11 +76,11 @@ def test_reference_options_are_checked_against_objective_and_adapter():
     assert auto.reference == "adapter"
 
 
-def test_validate_takes_the_adapters_lora_settings(tmp_path, tiny_model_dir, sft_adapter):
+def test_validate_takes_the_adapters_lora_settings(tmp_path, tiny_model_dir, sft_adapter_dir):
     from qlora_kit.training.validate import validate_run
 
     config = _preference_config(tmp_path / "a", tiny_model_dir, "dpo", max_steps=1)
-    config.model.adapter, config.lora.r, config.lora.alpha = str(sft_adapter), 16, 32.0  # the defaults: taken
+    config.model.adapter, config.lora.r, config.lora.alpha = str(sft_adapter_dir), 16, 32.0  # the defaults: taken
     checked = validate_run(config)
     assert checked.config.lora.r == 4 and checked.config.lora.alpha == 8.0
     assert sorted(checked.targets) == sorted(checked.config.lora.target_modules)
@@ -101,17 +88,17 @@ def test_validate_takes_the_adapters_lora_settings(tmp_path, tiny_model_dir, sft
     assert config.lora.r == 16  # the caller's config is not changed
 
 
-def test_training_starts_from_the_adapter_and_saves_peft_format(tmp_path, tiny_model_dir, sft_adapter):
-    """SFT from model.adapter: step 1's gradient is taken at the adapter's weights, and the saved adapter keeps
-    its modules and rank (PEFT reads it)."""
+def test_training_starts_from_the_adapter_and_saves_peft_format(tmp_path, tiny_model_dir, sft_adapter_dir):
+    """SFT from model.adapter: the run starts at the adapter's weights (a negligible step leaves them), and the
+    saved adapter keeps its modules and rank."""
     from safetensors.torch import load_file
     from test_train import _config  # the SFT recipe's tiny config
 
     config = _config(tmp_path, tiny_model_dir, max_steps=1)
-    config.model.adapter = str(sft_adapter)
+    config.model.adapter = str(sft_adapter_dir)
     config.training.lr = 1e-12  # effectively no update: the output must be the starting adapter
     result = _train(config)
-    start, out = load_file(sft_adapter / "adapter_model.safetensors"), load_file(
+    start, out = load_file(sft_adapter_dir / "adapter_model.safetensors"), load_file(
         result.adapter_dir / "adapter_model.safetensors")
     assert start.keys() == out.keys()
     for key in start:
@@ -120,11 +107,11 @@ def test_training_starts_from_the_adapter_and_saves_peft_format(tmp_path, tiny_m
     assert saved["r"] == 4 and sorted(saved["target_modules"]) == ["q_proj", "up_proj", "v_proj"]
 
 
-def test_frozen_reference_is_buffers_and_survives_training_changes(tiny_model_dir, sft_adapter):
+def test_frozen_reference_is_buffers_and_survives_training_changes(tiny_model_dir, sft_adapter_dir):
     from qlora_kit.model.adapters import adapter_state, load_adapter
 
     model, _ = load_tiny(tiny_model_dir)
-    load_adapter(model, sft_adapter)  # trainable LoRA tensors, frozen base
+    load_adapter(model, sft_adapter_dir)  # trainable LoRA tensors, frozen base
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     before_keys = set(model.state_dict())
     assert freeze_reference(model) == 6
@@ -174,14 +161,14 @@ def test_validate_plans_pairs_as_two_rows_of_the_longer_side(tmp_path, tiny_mode
     assert seen["seq"] == longest_side
 
 
-def test_rank_sweep_refuses_preference_data_before_loading(tmp_path, tiny_model_dir, sft_adapter, monkeypatch,
+def test_rank_sweep_refuses_preference_data_before_loading(tmp_path, tiny_model_dir, sft_adapter_dir, monkeypatch,
                                                            capsys):
     from qlora_kit.cli import main
 
     _no_model_load(monkeypatch)
     data = tmp_path / "prefs.jsonl"
     data.write_text(json.dumps({"prompt": "Spell dog.", "chosen": "DOG", "rejected": "dog"}) + "\n")
-    code = main(["rank-sweep", "--adapter", str(sft_adapter), "--data", str(data), "--model", str(tiny_model_dir)])
+    code = main(["rank-sweep", "--adapter", str(sft_adapter_dir), "--data", str(data), "--model", str(tiny_model_dir)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "preference records" in err[0] and "no preference metric" in err[0]
