@@ -485,3 +485,33 @@ def test_auto_caches_only_when_the_run_visits_every_pair():
     assert use_cache(config, 100, 80)[0] is False
     config.training.reference_logps = "cache"
     assert use_cache(config, 1, 80)[0] is True
+
+
+@pytest.mark.parametrize("start", [False, True])
+def test_reference_equals_policy_bit_for_bit_in_bf16(tiny_model_dir, sft_adapter_dir, start):
+    """16-bit compute: a grad-mode (training) forward takes the short-attention kernel, a no-grad one SDPA, and the
+    two round differently. The reference (no grad) runs with the training kernels, so at step 0 (the policy is
+    the reference: B = 0 over the base, or the starting adapter's frozen copy) the loss is ln 2 and the rewards
+    are 0 exactly in bf16 too; with the no-grad kernels they are not."""
+    from qlora_kit.config import TrainConfig
+    from qlora_kit.model.attention import NAME
+    from qlora_kit.training.objectives import reference_logps
+    from qlora_kit.training.start_adapter import load_start_weights, start_config
+
+    config = TrainConfig()
+    config.model.path, config.training.objective = str(tiny_model_dir), "dpo"
+    config.model.adapter = str(sft_adapter_dir) if start else ""
+    config = start_config(config, None) if start else config
+    model, tok = load_tiny(tiny_model_dir, compute_dtype="bf16")
+    assert model.config._attn_implementation == NAME  # the short-attention kernel is in use for training
+    add_lora(model, config.lora if start else LoraConfig(r=4, alpha=8))
+    load_start_weights(model, config)
+    model.train()
+    pairs, _, _ = prepare_data(DataConfig(max_seq_len=64), tok, records=RECORDS)
+    batch = collate_pairs(pairs, tok.pad_token_id, 64)
+    loss, stats = preference_loss(model, batch, config.training, StepTotals.of([batch]))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert stats.reward_chosen == 0.0 and stats.reward_rejected == 0.0
+    policy = sequence_logps(model, batch)[0].detach()  # grad mode, as in training
+    assert torch.equal(reference_logps(model, batch, as_training=True), policy)
+    assert not torch.equal(reference_logps(model, batch, as_training=False), policy)  # what the fix avoids

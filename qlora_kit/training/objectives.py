@@ -27,6 +27,7 @@ from torch import nn
 
 from qlora_kit.config import TrainingConfig
 from qlora_kit.data import IGNORE_INDEX
+from qlora_kit.model.attention import training_kernels
 from qlora_kit.model.reference import reference
 from qlora_kit.training.loss import backbone_hidden, head_kwargs, token_log_probs
 
@@ -76,13 +77,15 @@ def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = 1024) -> tup
     return sums, mask.sum(dim=1)
 
 
-def reference_logps(model: nn.Module, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
+def reference_logps(model: nn.Module, batch: dict, chunk_size: int = 1024, as_training: bool = False) -> torch.Tensor:
     """The DPO reference's summed log-probs ``[rows]`` (fp32): ``batch["reference_logps"]`` when the batch carries
     them (``reference_cache``), else ``sequence_logps`` under ``model.reference.reference`` (the frozen starting
-    adapter, or the bare base), without gradient."""
+    adapter, or the bare base), without gradient. ``as_training``: with the kernels of a grad-mode forward
+    (``attention.training_kernels``), so the reference rounds exactly as the policy it is compared with in a
+    training step (in 16-bit compute the short-attention and SDPA kernels round differently)."""
     if "reference_logps" in batch:
         return batch["reference_logps"].to(torch.float32)
-    with torch.no_grad(), reference(model):
+    with torch.no_grad(), reference(model), training_kernels(as_training):
         return sequence_logps(model, batch, chunk_size)[0]
 
 
@@ -133,7 +136,8 @@ def preference_loss(model: nn.Module, batch: dict, tc: TrainingConfig, totals: S
     step's micro-batches gives the big-batch loss. Raises ValueError for another objective.
     """
     if tc.objective == "dpo":
-        reference = reference_logps(model, batch, tc.loss_chunk_size)  # [2b]
+        # [2b], with the kernels the policy's forward below takes (a training step's, or evaluation's)
+        reference = reference_logps(model, batch, tc.loss_chunk_size, as_training=torch.is_grad_enabled())
         policy, tokens = sequence_logps(model, batch, tc.loss_chunk_size)  # [2b], [2b]
         losses, rewards = dpo_pair_losses(policy, reference, tokens, tc)
         return losses.sum() / max(totals.pairs, 1), _stats(rewards)

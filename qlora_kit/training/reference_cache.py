@@ -102,16 +102,17 @@ def cache_key(config: TrainConfig, model: torch.nn.Module, train: list, evals: l
 
 
 @torch.no_grad()
-def compute(model: torch.nn.Module, pairs: list[PreferenceExample], config: TrainConfig, pad_id: int, desc: str
-            ) -> torch.Tensor:
+def compute(model: torch.nn.Module, pairs: list[PreferenceExample], config: TrainConfig, pad_id: int, desc: str,
+            as_training: bool = True) -> torch.Tensor:
     """The reference's summed log-probs of ``pairs`` as ``[n, 2]`` fp32 (chosen, rejected), ``batch_size`` pairs
-    per forward in data order, with a progress bar."""
+    per forward in data order, with a progress bar; ``as_training``: with a training step's kernels (for the
+    training pairs; evaluation's for the eval pairs, as ``objectives.reference_logps``)."""
     bs, device = config.training.batch_size, next(model.parameters()).device
     out = torch.empty(len(pairs), 2, dtype=torch.float32)  # [n, 2]
     for start in tqdm(range(0, len(pairs), bs), desc=desc, unit="batch", leave=False):
         chunk = pairs[start:start + bs]
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, config.data.max_seq_len).items()}
-        logps = reference_logps(model, batch, config.training.loss_chunk_size).float().cpu()  # [2b]
+        logps = reference_logps(model, batch, config.training.loss_chunk_size, as_training).float().cpu()  # [2b]
         out[start:start + len(chunk)] = torch.stack(logps.chunk(2), dim=1)  # [b, 2]
     return out
 
@@ -163,7 +164,7 @@ def prepare_reference(run: Run) -> ReferenceLogps | None:
     log.info("reference log-probs: computing the cache %s (%s; %s)", path, why, state)
     pad_id = run.tokenizer.pad_token_id
     cached = ReferenceLogps(compute(run.core, train, config, pad_id, "reference (train)"),
-                            compute(run.core, evals, config, pad_id, "reference (eval)"))
+                            compute(run.core, evals, config, pad_id, "reference (eval)", as_training=False))
     if run.main:
         save(path, cached, key)
     return cached
