@@ -172,3 +172,29 @@ def test_rank_sweep_refuses_preference_data_before_loading(tmp_path, tiny_model_
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "preference records" in err[0] and "no preference metric" in err[0]
+
+
+def test_resume_with_another_starting_adapter_is_refused(tmp_path, tiny_model_dir, sft_adapter_dir, monkeypatch):
+    """A checkpoint records the starting adapter's digest: resuming from changed files (another reference) is an
+    error, not a silently different run."""
+    from safetensors.torch import load_file, save_file
+    from test_train import _interrupt_at
+
+    from qlora_kit.training.recipe import train
+    from qlora_kit.training.run import TrainingError
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(sft_adapter_dir, adapter)
+
+    def config():
+        c = _preference_config(tmp_path, tiny_model_dir, "dpo", max_steps=4, save_every=1)
+        c.model.adapter = str(adapter)
+        return c
+
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 1)
+        assert train(config(), progress=False).status == "interrupted"
+    weights = {k: v * 1.5 for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+    save_file(weights, adapter / "adapter_model.safetensors")
+    with pytest.raises(TrainingError, match="started from another model.adapter"):
+        train(config(), resume=True, progress=False)

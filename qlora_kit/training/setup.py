@@ -35,7 +35,7 @@ from qlora_kit.training.optim import build_optimizer
 from qlora_kit.training.recovery import Recovery
 from qlora_kit.training.run import Run, Schedule, TrainingError, TrainResult
 from qlora_kit.training.run_folder import RunFolder, claim_run_folder
-from qlora_kit.training.start_adapter import load_start_weights
+from qlora_kit.training.start_adapter import load_start_weights, start_digest
 from qlora_kit.training.step import loss_module
 from qlora_kit.training.validate import ValidationReport
 
@@ -121,7 +121,8 @@ def setup(config: TrainConfig, checked: ValidationReport, folder: RunFolder, acc
     monitor = HealthMonitor(model.config.vocab_size)
     return Run(config, folder.path, accelerator, schedule, checked.tokenizer, checked.train_set, checked.eval_set,
                checked.stats, checkpointing, fsdp, model, step_fn, optimizer, params, adapter_view(model, step_fn),
-               monitor, Recovery(tc.on_nonfinite, folder.path / "checkpoints", monitor.limits))
+               monitor, Recovery(tc.on_nonfinite, folder.path / "checkpoints", monitor.limits),
+               start_adapter=start_digest(config))
 
 
 def restore(run: Run, ckpt: Path) -> None:
@@ -147,6 +148,10 @@ def resume_run(run: Run, ckpt: Path) -> None:
         raise TrainingError(f"{ckpt}: written under training.distributed=fsdp, which does not save the "
                             "optimizer state, so it cannot be resumed exactly; use its adapter_model.safetensors, "
                             "or train with ddp when you need resumable checkpoints")
+    if saved.get("start_adapter", "") != run.start_adapter:
+        raise TrainingError(f"{ckpt}: the run started from another model.adapter (files changed, added or removed "
+                            f"since: now {run.config.model.adapter or 'none'}); its DPO reference and starting weights "
+                            "would differ. Resume with the adapter the run started from, or start a new run")
     restore(run, ckpt)
     run.compiled = saved.get("compiled")  # the same kernels as before the interruption
     if run.accelerator.device.type == "cpu" and saved.get("cpu_threads"):

@@ -10,12 +10,14 @@ trainable adapter after ``add_lora`` and, when DPO's reference is the adapter, k
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 
 from torch import nn
 
 from qlora_kit.config import ConfigError, LoraConfig, TrainConfig
+from qlora_kit.model.adapter_check import CONFIG_FILE, WEIGHTS_FILE
 from qlora_kit.model.adapters import (
     AdapterFile,
     AdapterMismatchError,
@@ -25,6 +27,7 @@ from qlora_kit.model.adapters import (
 )
 from qlora_kit.model.lora import resolve_targets
 from qlora_kit.model.reference import freeze_reference
+from qlora_kit.training.manifest import file_digest
 
 log = logging.getLogger("qlora_kit")
 
@@ -90,6 +93,15 @@ def start_config(config: TrainConfig, skeleton: nn.Module | None) -> TrainConfig
         log.warning("model.adapter %s was trained against quant %s; this run quantizes the base with %s",
                     path, dataclasses.asdict(adapter.quant), dataclasses.asdict(config.quant))
     return dataclasses.replace(config, lora=lora)
+
+
+def start_digest(config: TrainConfig) -> str:
+    """sha256 over ``model.adapter``'s two files ("" without a starting adapter): what a checkpoint records so a
+    resume with another starting adapter (another DPO reference) is refused."""
+    if not config.model.adapter:
+        return ""
+    folder = Path(config.model.adapter)
+    return hashlib.sha256("".join(file_digest(folder / n)[1] for n in (CONFIG_FILE, WEIGHTS_FILE)).encode()).hexdigest()
 
 
 def load_start_weights(model: nn.Module, config: TrainConfig) -> None:
