@@ -198,3 +198,17 @@ def test_resume_with_another_starting_adapter_is_refused(tmp_path, tiny_model_di
     save_file(weights, adapter / "adapter_model.safetensors")
     with pytest.raises(TrainingError, match="started from another model.adapter"):
         train(config(), resume=True, progress=False)
+
+
+def test_plan_command_counts_pairs_as_two_sequences(capsys):
+    from qlora_kit.cli import main
+
+    tables = {}
+    for objective in ("sft", "dpo"):
+        main(["plan", "--model", "llama-3.1-8b", "--seq-len", "512", "--batch", "4", "--device", "cpu",
+              "--grad-checkpointing", "off", "--objective", objective])
+        tables[objective] = capsys.readouterr().out
+    main(["plan", "--model", "llama-3.1-8b", "--seq-len", "512", "--batch", "8", "--device", "cpu",
+          "--grad-checkpointing", "off"])
+    assert tables["dpo"] == capsys.readouterr().out  # 4 pairs plan as 8 sequences
+    assert tables["dpo"] != tables["sft"]
