@@ -342,6 +342,9 @@ class TrainConfig:
                               f"{'lora.dynamic_rank (a new rank every step)' if self.lora.dynamic_rank else 'model.offload'}"
                               "; set training.compile: off (or auto)")
         tc = self.training
+        if tc.compile == "on" and tc.objective == "dpo":
+            raise ConfigError("training.compile: on cannot compile objective=dpo (its no-grad reference forward must "
+                              "round exactly as the policy's training forward); set training.compile: off (or auto)")
         for key, value in (("dpo_reference", "adapter"), ("reference_logps", "cache")):
             if getattr(tc, key) == value and tc.objective != "dpo":
                 raise ConfigError(f"training.{key}={value}: only DPO has a reference (training.objective={tc.objective}); "

@@ -17,7 +17,7 @@ import torch
 from qlora_kit import hardware
 from qlora_kit.config import ConfigError, TrainConfig
 from qlora_kit.data.batching import make_batches
-from qlora_kit.data.preference import longest_row
+from qlora_kit.data.preference import longest_row, n_tokens
 from qlora_kit.data.prepare import Prepared
 from qlora_kit.model.adapters import assign_adapter
 from qlora_kit.model.load import load_model, set_gradient_checkpointing
