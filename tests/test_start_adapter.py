@@ -70,6 +70,8 @@ def test_reference_options_are_checked_against_objective_and_adapter():
         from_dict(TrainConfig, {**base, "training": {"objective": "orpo", "reference_logps": "cache"}})
     with pytest.raises(ConfigError, match="dpo_reference: 'sft'; use auto, base, adapter"):
         from_dict(TrainConfig, {**base, "training": {"objective": "dpo", "dpo_reference": "sft"}})
+    with pytest.raises(ConfigError, match="compile: on cannot compile objective=dpo"):
+        from_dict(TrainConfig, {**base, "training": {"objective": "dpo", "compile": "on"}})
     auto = from_dict(TrainConfig, {**base, "training": {"objective": "dpo"}})
     assert auto.reference == "base"
     auto.model.adapter = "a"
