@@ -163,6 +163,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--model", required=True, help="checkpoint folder, config.json, or a shipped name (e.g. llama-3.1-70b)")
     pl.add_argument("--seq-len", type=int, default=2048)
     pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--objective", choices=["sft", "dpo", "orpo"], default="sft",
+                    help="dpo/orpo: each of the --batch examples is a pair, two sequences of --seq-len (its longer side)")
     pl.add_argument("--rank", type=int, default=16)
     pl.add_argument("--targets", default="all-linear", help="all-linear or comma-separated names (q_proj,v_proj)")
     pl.add_argument("--optimizer", default="paged_adamw_8bit", choices=OPTIMIZER_NAMES)
@@ -203,9 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from qlora_kit.planning.fit import rows_per_example
     from qlora_kit.planning.memory import plan_memory
 
-    plan = plan_memory(args.model, seq_len=args.seq_len, batch=args.batch, rank=args.rank, targets=args.targets,
+    batch = args.batch * rows_per_example(args.objective)
+    plan = plan_memory(args.model, seq_len=args.seq_len, batch=batch, rank=args.rank, targets=args.targets,
                        optimizer=args.optimizer, grad_checkpointing=args.grad_checkpointing == "on",
                        device_memory=args.device_memory, compute_dtype=args.compute_dtype,
                        chunked_loss=not args.unchunked_loss, devices=args.devices, strategy=args.strategy,

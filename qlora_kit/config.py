@@ -224,6 +224,7 @@ class ModelConfig:
     device: str = ""  # "cpu", "cuda", "cuda:1"; empty picks the first GPU, else the CPU
     trust_remote_code: bool = False  # run the checkpoint's own Python code (off unless you trust it)
     offload: str = "none"  # frozen 4-bit base: "none"; "disk" (memory-mapped from <output_dir>/.offload, paged in by the OS); "cpu" (host, one layer on the device at a time)
+    adapter: str = ""  # PEFT-format adapter folder (ours or PEFT's) whose weights start the training, e.g. an SFT adapter before DPO; empty starts from B = 0
 
     def validate(self, where: str = "model") -> None:
         """Raise ConfigError for a wrongly typed or unknown setting."""
@@ -285,11 +286,13 @@ class TrainingConfig:
     loss_chunk_size: int = ranged(1024, "[1, 16_777_216]")  # supervised positions per chunk of the vocabulary projection in the loss
     compile: str = "auto"  # torch.compile the decoder layers for training: "on", "off", or "auto" (on a CPU, on when the run's work, 4 x quantized params x tokens, is at least 2e14 FLOP: about 20 minutes of 1.16x faster steps, against a one-time ~1 minute compilation)
     distributed: str = "ddp"  # with several processes (accelerate launch / torchrun): "ddp" (replicate the 4-bit base) or "fsdp" (shard it; FSDP-QLoRA)
-    objective: str = "sft"  # "sft" (next-token loss on the responses), or on preference data (chosen/rejected): "dpo" (against the base without adapters as reference) or "orpo" (no reference)
+    objective: str = "sft"  # "sft" (next-token loss on the responses), or on preference data (chosen/rejected): "dpo" (against a reference, see dpo_reference) or "orpo" (no reference)
     dpo_beta: float = ranged(0.1, "(0, inf)")  # DPO: how strongly the policy is held near the reference; rewards are dpo_beta * (policy - reference) log-probs
     dpo_loss: str = "sigmoid"  # DPO loss on the reward margin: "sigmoid" (DPO), "ipo" (IPO, on token-normalised log-ratios) or "hinge" (SLiC)
     label_smoothing: float = ranged(0.0, "[0, 0.5)")  # DPO sigmoid: assumed fraction of flipped preference labels (conservative DPO); 0 is plain DPO; ignored by ipo/hinge
     orpo_lambda: float = ranged(0.1, "(0, inf)")  # ORPO: weight of the odds-ratio term added to the NLL of the chosen responses
+    dpo_reference: str = "auto"  # DPO reference: "base" (adapters disabled), "adapter" (a frozen copy of model.adapter), "auto" (adapter when model.adapter is set, else base)
+    reference_logps: str = "auto"  # DPO reference log-probs: "live" (a no-grad forward every step), "cache" (computed once per example before training, kept in the run folder), "auto" (cache when the run visits every pair at least once)
 
     def validate(self, where: str = "training") -> None:
         """Raise ConfigError for a wrongly typed, out-of-range or unknown setting."""
@@ -307,7 +310,8 @@ class TrainingConfig:
             raise ConfigError(f"{where}.compile: {self.compile!r}; use on, off or auto")
         if self.distributed not in ("ddp", "fsdp"):
             raise ConfigError(f"{where}.distributed: {self.distributed!r}; use ddp or fsdp")
-        for key, choices in (("objective", ("sft", "dpo", "orpo")), ("dpo_loss", ("sigmoid", "ipo", "hinge"))):
+        for key, choices in (("objective", ("sft", "dpo", "orpo")), ("dpo_loss", ("sigmoid", "ipo", "hinge")),
+                             ("dpo_reference", ("auto", "base", "adapter")), ("reference_logps", ("auto", "live", "cache"))):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"{where}.{key}: {getattr(self, key)!r}; use {', '.join(choices)}")
         if self.epochs == 0 and self.max_steps == 0:
@@ -337,6 +341,23 @@ class TrainConfig:
             raise ConfigError("training.compile: on cannot compile "
                               f"{'lora.dynamic_rank (a new rank every step)' if self.lora.dynamic_rank else 'model.offload'}"
                               "; set training.compile: off (or auto)")
+        tc = self.training
+        if tc.compile == "on" and tc.objective == "dpo":
+            raise ConfigError("training.compile: on cannot compile objective=dpo (its no-grad reference forward must "
+                              "round exactly as the policy's training forward); set training.compile: off (or auto)")
+        for key, value in (("dpo_reference", "adapter"), ("reference_logps", "cache")):
+            if getattr(tc, key) == value and tc.objective != "dpo":
+                raise ConfigError(f"training.{key}={value}: only DPO has a reference (training.objective={tc.objective}); "
+                                  f"set training.objective=dpo or leave {key} at auto")
+        if self.training.dpo_reference == "adapter" and not self.model.adapter:
+            raise ConfigError("training.dpo_reference=adapter: needs model.adapter (the adapter whose frozen copy is "
+                              "the reference); set model.adapter or use dpo_reference=base")
+
+    @property
+    def reference(self) -> str:
+        """What DPO compares against: "adapter" (the frozen starting adapter) or "base" (adapters disabled)."""
+        choice = self.training.dpo_reference
+        return choice if choice != "auto" else ("adapter" if self.model.adapter else "base")
 
 
 def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,

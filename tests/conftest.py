@@ -50,3 +50,18 @@ def tiny_adapter_dir(tiny_model_dir, tmp_path_factory):
         for _, layer in lora_layers(model):
             layer.adapters["default"].lora_B.copy_(torch.randn(layer.adapters["default"].lora_B.shape, generator=g))
     return save_adapter(model, tmp_path_factory.mktemp("tiny-adapter") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def sft_adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A rank-4 adapter on q/v/up of the tiny model with small random B (an "SFT adapter" to start DPO from)."""
+    from qlora_kit import LoraConfig, add_lora, save_adapter
+    from qlora_kit.model.lora import lora_layers
+
+    model, _ = load_tiny(tiny_model_dir)
+    torch.manual_seed(1)
+    add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.adapters["default"].lora_B.normal_(0, 0.05)
+    return save_adapter(model, tmp_path_factory.mktemp("sft") / "adapter")

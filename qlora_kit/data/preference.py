@@ -31,10 +31,17 @@ class PreferenceExample:
 
 
 def n_tokens(example: Example | PreferenceExample) -> int:
-    """Tokens of an example, or of both sides of a pair (what batching groups by and the planner sizes for:
-    a pair's two rows cost about what one row of both lengths does)."""
+    """Tokens of an example, or of both sides of a pair (what batching groups by and the token counts add)."""
     if isinstance(example, PreferenceExample):
         return len(example.chosen.input_ids) + len(example.rejected.input_ids)
+    return len(example.input_ids)
+
+
+def longest_row(example: Example | PreferenceExample) -> int:
+    """Tokens of the longest row the example puts into a batch: itself, or the longer side of a pair (a pair is
+    two rows of a batch: ``collate_pairs``)."""
+    if isinstance(example, PreferenceExample):
+        return max(len(example.chosen.input_ids), len(example.rejected.input_ids))
     return len(example.input_ids)
 
 

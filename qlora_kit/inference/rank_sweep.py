@@ -178,6 +178,21 @@ def _output_folder(args: argparse.Namespace, adapter_dir: Path, base: str) -> Pa
     return out
 
 
+def refuse_preference_data(data: str, fmt: str) -> None:
+    """Raise ConfigError (one line, before any model loads) when ``data`` holds preference pairs: the sweep scores
+    single responses (validation loss, exact match); it has no preference metric yet."""
+    from qlora_kit.data.formats import detect_format
+    from qlora_kit.data.sources import read_records
+
+    if fmt == "auto":
+        first = next(iter(read_records(Path(data))), None)
+        fmt = detect_format(first[1], first[0]) if first is not None else fmt
+    if fmt == "preference":
+        raise ConfigError(f"{data}: preference records (prompt/chosen/rejected), but rank-sweep scores single "
+                          "responses (validation loss, exact match) and has no preference metric; sweep on "
+                          "held-out SFT records (e.g. prompt/completion with the chosen answers)")
+
+
 def run_rank_sweep(args: argparse.Namespace) -> int:
     """``qlora-kit rank-sweep``: load the base and the adapter, sweep, print, write JSON and plot, maybe export."""
     from qlora_kit.atomic import atomic_write_json
@@ -193,6 +208,7 @@ def run_rank_sweep(args: argparse.Namespace) -> int:
     base = _base_model_path(adapter_dir, args.model)
     out = _output_folder(args, adapter_dir, base)
     ranks = parse_ranks(args.ranks, info.config.r)
+    refuse_preference_data(args.data, args.format)
     if not info.config.dynamic_rank:
         log.warning("%s was not trained with dynamic rank: its truncations were never trained, so expect loss to "
                     "rise steeply below r=%d (adapter-resize shrinks a fixed-rank adapter by SVD instead)",
@@ -243,7 +259,8 @@ def add_parser(sub) -> None:
     sw.add_argument("--task-metric", choices=["exact_match"], help="also measure held-out exact match by generation "
                     "(alpaca records with an output)")
     sw.add_argument("--task-examples", type=int, default=0, help="exact match on the first N records only (0: all)")
-    sw.add_argument("--format", default="auto", help="data format: auto, alpaca, chat, prompt_completion or text")
+    sw.add_argument("--format", default="auto", help="data format: auto, alpaca, chat, prompt_completion or text "
+                    "(preference pairs are refused: no preference metric)")
     sw.add_argument("--max-seq-len", type=int, default=512)
     sw.add_argument("--batch-size", type=int, default=16)
     sw.add_argument("--compute-dtype", default="auto")

@@ -132,7 +132,7 @@ def read_adapter(path: str | Path) -> AdapterFile:
     return AdapterFile(spec.config, lora, copies, spec.quant, spec.meta)
 
 
-def _check_matches(model: nn.Module, adapter: AdapterFile, path: Path) -> None:
+def check_matches(model: nn.Module, adapter: AdapterFile, path: Path) -> None:
     """Raise AdapterMismatchError when a module is missing or an A/B shape does not fit the base."""
     modules = dict(model.named_modules())
     missing, wrong = [], []
@@ -172,7 +172,7 @@ def load_adapter(model: nn.Module, path: str | Path, name: str = "default", acti
     adapter = read_adapter(path)
     if name in getattr(model, "lora_configs", {}):
         raise ValueError(f"an adapter named {name!r} is already loaded; pick another name")
-    _check_matches(model, adapter, path)
+    check_matches(model, adapter, path)
     if rank is not None:
         if not adapter.config.dynamic_rank:
             raise ConfigError(f"{path}: rank={rank} given, but this is not a dynamic-rank adapter; its rank is "

@@ -17,10 +17,12 @@ their gradient are never rounded to 16 bits), so its error against an fp64 refer
 flash's (rounding them to bf16 was 10% faster but 1.5x less accurate). Only 16-bit inputs take it: in fp32
 the flash kernel was faster (0.7-0.8x). Measured (AVX512-BF16 EPYC, one thread, loaded machine, interleaved
 medians): 1.65x flash's fwd+bwd at batch 8 x 112 tokens, parity at 256 tokens (hence ``MAX_SCORES``). ``use_short_attention(model)`` switches a CPU model to it for training
-(``QLORA_KIT_SHORT_ATTENTION=0`` turns it off); evaluation, generation and GPUs keep SDPA.
+(``QLORA_KIT_SHORT_ATTENTION=0`` turns it off); evaluation, generation and GPUs keep SDPA, except a no-grad
+forward inside ``training_kernels()`` (DPO's reference, computed as the policy is trained).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -29,6 +31,7 @@ from torch import nn
 NAME = "qlora_sdpa"  # the attn_implementation name registered with transformers
 MAX_SCORES = 1 << 22  # largest batch * heads * S_q * S_k computed here (16 MiB of fp32 scores)
 _ENABLED = os.environ.get("QLORA_KIT_SHORT_ATTENTION", "1") != "0"
+_AS_TRAINING = False  # set by ``training_kernels``: no-grad forwards take the training kernel too
 
 
 def _probs(qg: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: float, rep: int) -> torch.Tensor:
@@ -81,6 +84,19 @@ def short_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return o.view(b, h, s, d)
 
 
+@contextlib.contextmanager
+def training_kernels(enabled: bool = True):
+    """Inside the block (when ``enabled``), a no-grad forward takes the attention kernel a grad-mode (training)
+    forward takes, so it rounds exactly as training does: DPO's no-grad reference forward must equal the policy's
+    training forward bit for bit when both carry the same weights (16-bit compute; in fp32 both take SDPA)."""
+    global _AS_TRAINING
+    before, _AS_TRAINING = _AS_TRAINING, _AS_TRAINING or bool(enabled)
+    try:
+        yield
+    finally:
+        _AS_TRAINING = before
+
+
 def set_short_attention(enabled: bool) -> None:
     """Turn the short-sequence path on or off for the whole process (for tests and A/B measurements)."""
     global _ENABLED
@@ -91,7 +107,7 @@ def _applies(query, key, attention_mask, dropout, kwargs) -> bool:
     """Plain 16-bit self-attention with a boolean (or no) mask, no dropout, in training (fp32: flash is faster)."""
     b, h, s, _ = query.shape
     return (_ENABLED and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
-            and torch.is_grad_enabled() and s > 1 and s == key.shape[2]
+            and (torch.is_grad_enabled() or _AS_TRAINING) and s > 1 and s == key.shape[2]
             and dropout == 0.0 and h % key.shape[1] == 0 and b * h * s * s <= MAX_SCORES
             and (attention_mask is None or attention_mask.dtype == torch.bool)
             and kwargs.get("softcap") is None and kwargs.get("position_bias") is None

@@ -26,14 +26,23 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 class LoraAdapter(nn.Module):
     """One named low-rank update: A ``[r, in]``, B ``[out, r]``, applied as ``scale * B @ A``."""
 
-    def __init__(self, in_features: int, out_features: int, config: LoraConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, in_features: int, out_features: int, config: LoraConfig, dtype: torch.dtype = torch.float32,
+                 trainable: bool = True):
         super().__init__()
         self.r, self.alpha, self.use_rslora = config.r, float(config.alpha), config.use_rslora
-        self.lora_A = nn.Parameter(torch.empty(config.r, in_features, dtype=dtype))  # [r, in]
-        self.lora_B = nn.Parameter(torch.zeros(out_features, config.r, dtype=dtype))  # [out, r]
+        self.trainable = trainable  # False: A and B are non-persistent buffers (a frozen copy: never trained or saved)
+        a = torch.empty(config.r, in_features, dtype=dtype)  # [r, in]
+        b = torch.zeros(out_features, config.r, dtype=dtype)  # [out, r]
+        if trainable:
+            self.lora_A, self.lora_B = nn.Parameter(a), nn.Parameter(b)
+        else:
+            self.register_buffer("lora_A", a, persistent=False)
+            self.register_buffer("lora_B", b, persistent=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.rank: int = config.r  # active rank: the first `rank` rows of A / columns of B are used
-        if config.init == "gaussian":
+        if not trainable:  # filled by the caller (a copy): draw nothing from the random generator
+            a.zero_()
+        elif config.init == "gaussian":
             nn.init.normal_(self.lora_A, std=1.0 / config.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -252,8 +261,15 @@ def active_adapters(model: nn.Module) -> list[str]:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
     """Run the bare base model inside the ``with`` block, then restore the active adapters."""
+    with adapters_active(model, []):
+        yield model
+
+
+@contextlib.contextmanager
+def adapters_active(model: nn.Module, names: list[str]):
+    """Apply exactly adapters ``names`` inside the ``with`` block, then restore the ones active before."""
     previous = active_adapters(model)
-    set_active_adapters(model, [])
+    set_active_adapters(model, names)
     try:
         yield model
     finally:
@@ -261,10 +277,11 @@ def adapters_disabled(model: nn.Module):
 
 
 def set_rank(model: nn.Module, rank: int | None, name: str | None = None) -> None:
-    """Set the active rank of every adapter (or of adapter ``name``); None restores each adapter's full r."""
+    """Set the active rank of every trainable adapter (or of adapter ``name``); None restores each adapter's
+    full r. A frozen copy (``freeze_reference``) keeps its rank unless named."""
     for _, layer in lora_layers(model):
         for adapter_name, adapter in layer.adapters.items():
-            if name is None or adapter_name == name:
+            if adapter_name == name or (name is None and adapter.trainable):
                 adapter.rank = min(rank, adapter.r) if rank else adapter.r
 
 

@@ -25,11 +25,22 @@ log = logging.getLogger("qlora_kit")
 REFUSE_MARGIN = 1.5  # refuse when the predicted peak exceeds this multiple of the available memory
 
 
+def rows_per_example(objective: str) -> int:
+    """Sequences one training example puts into a micro-batch: 1 for sft, 2 for a dpo/orpo pair (chosen and
+    rejected, ``collate_pairs``), each as long as the pair's longer side."""
+    return 1 if objective == "sft" else 2
+
+
 def plan_run(config: TrainConfig, model_path: Path, seq_len: int, device: torch.device, grad_checkpointing: bool,
              targets: list[str] | str = "all-linear", device_memory: float | None = None) -> MemoryPlan:
-    """The memory plan of ``config`` on ``device`` at ``seq_len`` tokens per sequence (reads config.json only)."""
+    """The memory plan of ``config`` on ``device`` at ``seq_len`` tokens per sequence (reads config.json only).
+
+    A micro-batch of dpo/orpo pairs is ``2 x batch_size`` rows (chosen and rejected, ``collate_pairs``), each as
+    long as the longer side of its pair (``seq_len``). The DPO reference's no-grad forward keeps no activations
+    for backward, so it adds nothing at the peak the plan describes."""
     dtype = dtype_name(hardware.choose_compute_dtype(config.model.compute_dtype, device))
-    return plan_memory(str(model_path / "config.json"), seq_len=seq_len, batch=config.training.batch_size,
+    rows = config.training.batch_size * rows_per_example(config.training.objective)
+    return plan_memory(str(model_path / "config.json"), seq_len=seq_len, batch=rows,
                        rank=config.lora.r, targets=targets, optimizer=resolve_optimizer(config.training.optimizer, device.type).name,
                        grad_checkpointing=grad_checkpointing, quant=config.quant, compute_dtype=dtype,
                        device=device.type, device_memory=device_memory, offload=config.model.offload,

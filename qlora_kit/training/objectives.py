@@ -5,7 +5,9 @@ rows ``[b, 2b)``, so both go through ONE forward. Each row's response log-probab
 supervised positions only, through ``loss.token_log_probs`` (chunked: no ``[rows, s, V]`` logits).
 
 - DPO (Rafailov et al. 2023): rewards ``beta * (log pi(y|x) - log ref(y|x))``; the reference is the same
-  model with its adapters disabled (the frozen 4-bit base), run under ``torch.no_grad``: no second model.
+  model with its adapters disabled (the frozen 4-bit base) or with the frozen copy of the starting adapter
+  (``model/reference.py``), run under ``torch.no_grad``: no second model. Its log-probs may come precomputed
+  in the batch (``training/reference_cache.py``).
   ``dpo_loss`` "sigmoid": ``-(1-eps) log s(beta*d) - eps log s(-beta*d)`` with ``d`` the reward margin over beta
   and eps = ``label_smoothing``; "ipo": ``(d_norm - 1/(2 beta))^2`` on token-normalised log-ratios (as TRL);
   "hinge": ``relu(1 - beta*d)``.
@@ -25,7 +27,8 @@ from torch import nn
 
 from qlora_kit.config import TrainingConfig
 from qlora_kit.data import IGNORE_INDEX
-from qlora_kit.model.lora import adapters_disabled
+from qlora_kit.model.attention import training_kernels
+from qlora_kit.model.reference import reference
 from qlora_kit.training.loss import backbone_hidden, head_kwargs, token_log_probs
 
 
@@ -74,9 +77,15 @@ def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = 1024) -> tup
     return sums, mask.sum(dim=1)
 
 
-def reference_logps(model: nn.Module, batch: dict, chunk_size: int = 1024) -> torch.Tensor:
-    """``sequence_logps`` of the base model (adapters disabled), without gradient: the DPO reference ``[rows]``."""
-    with torch.no_grad(), adapters_disabled(model):
+def reference_logps(model: nn.Module, batch: dict, chunk_size: int = 1024, as_training: bool = False) -> torch.Tensor:
+    """The DPO reference's summed log-probs ``[rows]`` (fp32): ``batch["reference_logps"]`` when the batch carries
+    them (``reference_cache``), else ``sequence_logps`` under ``model.reference.reference`` (the frozen starting
+    adapter, or the bare base), without gradient. ``as_training``: with the kernels of a grad-mode forward
+    (``attention.training_kernels``), so the reference rounds exactly as the policy it is compared with in a
+    training step (in 16-bit compute the short-attention and SDPA kernels round differently)."""
+    if "reference_logps" in batch:
+        return batch["reference_logps"].to(torch.float32)
+    with torch.no_grad(), reference(model), training_kernels(as_training):
         return sequence_logps(model, batch, chunk_size)[0]
 
 
@@ -127,7 +136,8 @@ def preference_loss(model: nn.Module, batch: dict, tc: TrainingConfig, totals: S
     step's micro-batches gives the big-batch loss. Raises ValueError for another objective.
     """
     if tc.objective == "dpo":
-        reference = reference_logps(model, batch, tc.loss_chunk_size)  # [2b]
+        # [2b], with the kernels the policy's forward below takes (a training step's, or evaluation's)
+        reference = reference_logps(model, batch, tc.loss_chunk_size, as_training=torch.is_grad_enabled())
         policy, tokens = sequence_logps(model, batch, tc.loss_chunk_size)  # [2b], [2b]
         losses, rewards = dpo_pair_losses(policy, reference, tokens, tc)
         return losses.sum() / max(totals.pairs, 1), _stats(rewards)

@@ -21,6 +21,7 @@ from qlora_kit.training.evaluate import evaluate_loss
 from qlora_kit.training.health import Problem
 from qlora_kit.training.objectives import evaluate_preference
 from qlora_kit.training.outputs import checkpoint, finish, save_best_adapter, start_records
+from qlora_kit.training.reference_cache import attach, prepare_reference
 from qlora_kit.training.run import Run, TrainResult
 from qlora_kit.training.run_folder import check_run_folder
 from qlora_kit.training.setup import (
@@ -50,6 +51,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     """
     quiet_other_ranks()
     checked = validate_run(config, tokenizer, force)  # config, model folder, LoRA targets, every record; no weights
+    config = checked.config  # with model.adapter: its LoRA settings
     folder = check_run_folder(Path(config.training.output_dir), resume, overwrite)
     accelerator = make_accelerator(cpu=config.model.device == "cpu")
     schedule = plan_schedule(config, checked.train_set, accelerator.num_processes)
@@ -63,6 +65,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
         run.compiled = choose_compile(run)
     start_records(run, progress)
     run.core.train()
+    run.reference = prepare_reference(run)  # dpo: the reference log-probs cached once, or None (live)
     with StopFlag() as stop, compiled_for_training(run.core, run.compiled):
         for step in range(run.progress.done, schedule.total_steps):
             outcome = optimizer_step(run, step, stop)
@@ -148,8 +151,10 @@ def validation_loss(run: Run) -> tuple[float, dict]:
     """The validation loss, and for dpo/orpo the ``eval_``-prefixed reward and accuracy means (rounded)."""
     tc, data, pad_id = run.config.training, run.config.data, run.tokenizer.pad_token_id
     if tc.objective != "sft":
-        batches = [collate_pairs(run.eval_set[k:k + tc.batch_size], pad_id, data.max_seq_len)
+        indices = [list(range(k, min(k + tc.batch_size, len(run.eval_set))))
                    for k in range(0, len(run.eval_set), tc.batch_size)]
+        batches = attach([collate_pairs([run.eval_set[i] for i in idx], pad_id, data.max_seq_len) for idx in indices],
+                         indices, run.reference, "eval")
         extra = evaluate_preference(run.core, batches, tc)
         return extra.pop("eval_loss"), {k: round(v, 6) for k, v in extra.items()}
     if run.fsdp:

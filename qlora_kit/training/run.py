@@ -102,6 +102,8 @@ class Run:
     bar: Any = None  # the tqdm progress bar of the training loop
     epoch_batches: dict[int, list[list[int]]] = field(default_factory=dict)  # the current epoch's micro-batches
     compiled: bool | None = None  # decoder layers under torch.compile (None: not decided yet; a resume keeps the saved choice)
+    reference: Any = None  # dpo with cached reference log-probs: reference_cache.ReferenceLogps; None: live
+    start_adapter: str = ""  # sha256 of model.adapter's files ("" without one): a resume must start from the same
 
     @property
     def main(self) -> bool:
@@ -115,4 +117,5 @@ class Run:
                 "world_size": self.schedule.world, "micro_batches_per_step": self.schedule.micro_per_step,
                 "sharded": self.fsdp, "tokens": p.tokens, "supervised_tokens": p.supervised_tokens,
                 "seconds": p.seconds, "health": self.monitor.state(), "recovery": self.recovery.state(),
-                "cpu_threads": torch.get_num_threads(), "compiled": self.compiled}
+                "cpu_threads": torch.get_num_threads(), "compiled": self.compiled,
+                "start_adapter": self.start_adapter}

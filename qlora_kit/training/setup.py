@@ -17,7 +17,7 @@ import torch
 from qlora_kit import hardware
 from qlora_kit.config import ConfigError, TrainConfig
 from qlora_kit.data.batching import make_batches
-from qlora_kit.data.preference import n_tokens
+from qlora_kit.data.preference import longest_row, n_tokens
 from qlora_kit.data.prepare import Prepared
 from qlora_kit.model.adapters import assign_adapter
 from qlora_kit.model.load import load_model, set_gradient_checkpointing
@@ -35,6 +35,7 @@ from qlora_kit.training.optim import build_optimizer
 from qlora_kit.training.recovery import Recovery
 from qlora_kit.training.run import Run, Schedule, TrainingError, TrainResult
 from qlora_kit.training.run_folder import RunFolder, claim_run_folder
+from qlora_kit.training.start_adapter import load_start_weights, start_digest
 from qlora_kit.training.step import loss_module
 from qlora_kit.training.validate import ValidationReport
 
@@ -95,7 +96,7 @@ def setup(config: TrainConfig, checked: ValidationReport, folder: RunFolder, acc
         claim_run_folder(folder)
     if device.type == "cpu":
         hardware.choose_cpu_threads()  # a resumed run goes back to the count its checkpoint saved (resume_run)
-    longest = max(n_tokens(e) for e in checked.train_set)  # a preference pair: both sides
+    longest = max(longest_row(e) for e in checked.train_set)  # a pair: its longer side (the plan counts 2 rows)
     checkpointing = choose_gradient_checkpointing(config, checked.model_path, min(longest, config.data.max_seq_len),
                                                   device)
     fsdp = schedule.world > 1 and tc.distributed == "fsdp"
@@ -109,6 +110,7 @@ def setup(config: TrainConfig, checked: ValidationReport, folder: RunFolder, acc
         set_gradient_checkpointing(model, checkpointing)
     torch.manual_seed(tc.seed)
     add_lora(model, config.lora)
+    load_start_weights(model, config)  # model.adapter's weights; the DPO reference's frozen copy
     params = [p for p in model.parameters() if p.requires_grad]
     if fsdp:  # wrapped before the optimizer exists; use_orig_params keeps ``params`` the optimizer's tensors
         step_fn = wrap_fsdp(accelerator, loss_module(model, tc), model)
@@ -119,7 +121,8 @@ def setup(config: TrainConfig, checked: ValidationReport, folder: RunFolder, acc
     monitor = HealthMonitor(model.config.vocab_size)
     return Run(config, folder.path, accelerator, schedule, checked.tokenizer, checked.train_set, checked.eval_set,
                checked.stats, checkpointing, fsdp, model, step_fn, optimizer, params, adapter_view(model, step_fn),
-               monitor, Recovery(tc.on_nonfinite, folder.path / "checkpoints", monitor.limits))
+               monitor, Recovery(tc.on_nonfinite, folder.path / "checkpoints", monitor.limits),
+               start_adapter=start_digest(config))
 
 
 def restore(run: Run, ckpt: Path) -> None:
@@ -145,6 +148,10 @@ def resume_run(run: Run, ckpt: Path) -> None:
         raise TrainingError(f"{ckpt}: written under training.distributed=fsdp, which does not save the "
                             "optimizer state, so it cannot be resumed exactly; use its adapter_model.safetensors, "
                             "or train with ddp when you need resumable checkpoints")
+    if saved.get("start_adapter", "") != run.start_adapter:
+        raise TrainingError(f"{ckpt}: the run started from another model.adapter (files changed, added or removed "
+                            f"since: now {run.config.model.adapter or 'none'}); its DPO reference and starting weights "
+                            "would differ. Resume with the adapter the run started from, or start a new run")
     restore(run, ckpt)
     run.compiled = saved.get("compiled")  # the same kernels as before the interruption
     if run.accelerator.device.type == "cpu" and saved.get("cpu_threads"):

@@ -26,6 +26,7 @@ from qlora_kit.training.health import Problem, largest_weight
 from qlora_kit.training.loss import causal_lm_loss, supervised_count
 from qlora_kit.training.objectives import PreferenceLoss
 from qlora_kit.training.optim import lr_at, set_lr
+from qlora_kit.training.reference_cache import attach
 from qlora_kit.training.run import Run
 
 log = logging.getLogger("qlora_kit")
@@ -136,8 +137,9 @@ def optimizer_step(run: Run, step: int, stop: StopFlag) -> StepOutcome:
     if config.lora.dynamic_rank:
         sampled_rank = sample_rank(random.Random(step_seed(config.training.seed, step)), config.lora)
         set_rank(run.core, sampled_rank)
-    group = [[run.train_set[i] for i in b] for b in step_batches(run, step)]
-    collated = collate_group(run, group)
+    indices = step_batches(run, step)
+    group = [[run.train_set[i] for i in b] for b in indices]
+    collated = attach(collate_group(run, group), indices, run.reference, "train")  # cached reference log-probs
     step_tokens = sum(supervised_count(b["labels"]) for b in collated)  # global: every rank's micro-batches
     preference = acc.unwrap_model(run.step_fn) if config.training.objective != "sft" else None
     if preference is not None:  # its losses come normalised by the step's totals: divide by 1

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from qlora_kit.config import ConfigError, TrainConfig
 from qlora_kit.data.contract import prompt_contract
 from qlora_kit.data.preference import PreferenceExample
 from qlora_kit.data.prepare import DataStats, prepare_data
 from qlora_kit.data.tokenize import Example
 from qlora_kit.planning.fit import check_fits
+from qlora_kit.training.start_adapter import start_config
 
 log = logging.getLogger("qlora_kit")
 
@@ -74,27 +77,29 @@ def token_cache_dir(config: TrainConfig) -> Path:
     return Path(config.training.output_dir).parent / ".token-cache"
 
 
-def check_targets(model_path: Path, config: TrainConfig) -> list[str] | None:
-    """The layers ``config.lora`` selects, resolved on the model built on the meta device (no weights).
-
-    Raises ConfigError (from ``lora.resolve_targets``) when the targets match nothing. Returns None when
-    transformers cannot build the architecture without its weights; the check then happens at load time.
-    """
+def model_skeleton(model_path: Path, config: TrainConfig) -> nn.Module | None:
+    """The model's module tree built on the meta device (no memory, no weights), or None (with a log line) when
+    transformers cannot build the architecture without its weights; the checks then happen at load time."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qlora_kit.model.lora import resolve_targets
 
     remote = config.model.trust_remote_code
     try:
         hf_config = AutoConfig.from_pretrained(str(model_path), trust_remote_code=remote)
         with init_empty_weights():
-            skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=remote)
+            return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=remote)
     except Exception as e:  # an architecture this transformers cannot build: defer to load_model's errors
         log.warning("validate: cannot build %s without weights (%s); LoRA targets are checked at load time",
                     model_path, e)
         return None
-    return resolve_targets(skeleton, config.lora)
+
+
+def check_targets(skeleton: nn.Module | None, config: TrainConfig) -> list[str] | None:
+    """The layers ``config.lora`` selects on the model's meta-device skeleton (``model_skeleton``); None without
+    a skeleton. Raises ConfigError (from ``lora.resolve_targets``) when the targets match nothing."""
+    from qlora_kit.model.lora import resolve_targets
+
+    return None if skeleton is None else resolve_targets(skeleton, config.lora)
 
 
 def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
@@ -146,14 +151,16 @@ def validate_run(config: TrainConfig, tokenizer=None, force: bool = False) -> Va
     config.validate()
     model_path = Path(config.model.path)
     hf_config = check_model_path(model_path, config.model.trust_remote_code)
-    targets = check_targets(model_path, config)
+    skeleton = model_skeleton(model_path, config)
+    if config.model.adapter:  # the run trains the adapter's layers at its rank: a copy of config with them
+        config = start_config(config, skeleton)
+    targets = check_targets(skeleton, config)
     if tokenizer is None:
         tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     train_set, eval_set, stats = prepare_data(config.data, tokenizer, cache_dir=token_cache_dir(config),
                                               seed=config.training.seed)
-    paired = check_objective(config, train_set)
+    check_objective(config, train_set)
     longest = config.data.max_seq_len if config.data.packing else min(stats.len_max, config.data.max_seq_len)
-    longest *= 2 if paired else 1  # a pair's two rows cost about what one row of both lengths does
     check_fits(config, model_path, longest, targets, force)
     return ValidationReport(config, model_path, str(hf_config.get("model_type")), targets, stats, tokenizer,
                             train_set, eval_set)
