@@ -284,7 +284,7 @@ class TrainingConfig:
     seed: int = ranged(42, "[0, 4_294_967_295]")  # seeds LoRA init, data order, dropout and dynamic-rank sampling
     log_every: int = ranged(1, "[1, 1_000_000_000]")  # write a metrics.jsonl line every N steps
     loss_chunk_size: int = ranged(1024, "[1, 16_777_216]")  # supervised positions per chunk of the vocabulary projection in the loss
-    compile: str = "auto"  # torch.compile the decoder layers for training: "on", "off", or "auto" (on a CPU, on when the run's work, 4 x quantized params x tokens, is at least 2e14 FLOP: about 20 minutes of 1.16x faster steps, against a one-time ~1 minute compilation)
+    compile: str = "off"  # "on": torch.compile the decoder layers for training; 1.10-1.15x faster steps on the 135M demo model on a CPU after ~1 minute of compiling, no gain measured at 1B (docs/benchmarks.md)
     distributed: str = "ddp"  # with several processes (accelerate launch / torchrun): "ddp" (replicate the 4-bit base) or "fsdp" (shard it; FSDP-QLoRA)
     objective: str = "sft"  # "sft" (next-token loss on the responses), or on preference data (chosen/rejected): "dpo" (against a reference, see dpo_reference) or "orpo" (no reference)
     dpo_beta: float = ranged(0.1, "(0, inf)")  # DPO: how strongly the policy is held near the reference; rewards are dpo_beta * (policy - reference) log-probs
@@ -306,8 +306,8 @@ class TrainingConfig:
             raise ConfigError(f"{where}.gradient_checkpointing: {self.gradient_checkpointing!r}; use on, off or auto")
         if self.on_nonfinite not in ("stop", "skip", "rollback"):
             raise ConfigError(f"{where}.on_nonfinite: {self.on_nonfinite!r}; use stop, skip or rollback")
-        if self.compile not in ("on", "off", "auto"):
-            raise ConfigError(f"{where}.compile: {self.compile!r}; use on, off or auto")
+        if self.compile not in ("on", "off"):
+            raise ConfigError(f"{where}.compile: {self.compile!r}; use on or off")
         if self.distributed not in ("ddp", "fsdp"):
             raise ConfigError(f"{where}.distributed: {self.distributed!r}; use ddp or fsdp")
         for key, choices in (("objective", ("sft", "dpo", "orpo")), ("dpo_loss", ("sigmoid", "ipo", "hinge")),
@@ -340,11 +340,11 @@ class TrainConfig:
         if self.training.compile == "on" and (self.lora.dynamic_rank or self.model.offload != "none"):
             raise ConfigError("training.compile: on cannot compile "
                               f"{'lora.dynamic_rank (a new rank every step)' if self.lora.dynamic_rank else 'model.offload'}"
-                              "; set training.compile: off (or auto)")
+                              "; set training.compile: off")
         tc = self.training
         if tc.compile == "on" and tc.objective == "dpo":
             raise ConfigError("training.compile: on cannot compile objective=dpo (its no-grad reference forward must "
-                              "round exactly as the policy's training forward); set training.compile: off (or auto)")
+                              "round exactly as the policy's training forward); set training.compile: off")
         for key, value in (("dpo_reference", "adapter"), ("reference_logps", "cache")):
             if getattr(tc, key) == value and tc.objective != "dpo":
                 raise ConfigError(f"training.{key}={value}: only DPO has a reference (training.objective={tc.objective}); "

@@ -2,9 +2,10 @@
 
 Inductor fuses what runs between the matmuls of a decoder layer (RMSNorm's fp32 round trip, RoPE, SiLU times
 the up projection, residual adds, the casts around them) into a few C++/Triton kernels. Measured on the
-demo model with one thread of an AVX512-BF16 CPU (``scripts/bench_train.py --runs ours,ours-compiled``): 1.16x
-the eager steps, after a one-time compilation of about a minute (the compiled layers share one graph; shapes
-are dynamic, so new batch lengths don't recompile). Everything but the training step (evaluation, generation) runs eagerly inside ``eager()``.
+demo model (hidden 576) with one thread of an AVX512-BF16 CPU (``scripts/bench_train.py --runs
+ours,ours-compiled``): 1.10-1.15x the eager steps, after compiling for 20-70 s (one graph for padded and one for
+unpadded batches; shapes are dynamic, so new lengths don't recompile). On the ~1B shape (hidden 2048), where
+GEMMs take 78 % of a step, no gain was measured, so it is opt-in (``training.compile: on``). Everything but the training step (evaluation, generation) runs eagerly inside ``eager()``.
 """
 from __future__ import annotations
 

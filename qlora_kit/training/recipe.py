@@ -25,7 +25,6 @@ from qlora_kit.training.reference_cache import attach, prepare_reference
 from qlora_kit.training.run import Run, TrainResult
 from qlora_kit.training.run_folder import check_run_folder
 from qlora_kit.training.setup import (
-    choose_compile,
     finished_result,
     plan_schedule,
     restore,
@@ -62,7 +61,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     if folder.resume_from is not None:
         resume_run(run, folder.resume_from)
     if run.compiled is None:  # a resumed run keeps its checkpoint's choice
-        run.compiled = choose_compile(run)
+        run.compiled = config.training.compile == "on"
     start_records(run, progress)
     run.core.train()
     run.reference = prepare_reference(run)  # dpo: the reference log-probs cached once, or None (live)

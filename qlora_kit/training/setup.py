@@ -17,7 +17,7 @@ import torch
 from qlora_kit import hardware
 from qlora_kit.config import ConfigError, TrainConfig
 from qlora_kit.data.batching import make_batches
-from qlora_kit.data.preference import longest_row, n_tokens
+from qlora_kit.data.preference import longest_row
 from qlora_kit.data.prepare import Prepared
 from qlora_kit.model.adapters import assign_adapter
 from qlora_kit.model.load import load_model, set_gradient_checkpointing
@@ -166,30 +166,4 @@ def resume_run(run: Run, ckpt: Path) -> None:
     run.monitor.load(saved.get("health", {}))
     run.recovery.load(saved.get("recovery", {}))
     log.info("resumed from %s at step %d of %d", ckpt, p.done, run.schedule.total_steps)
-
-
-COMPILE_MIN_FLOP = 2e14  # training.compile auto: compile a CPU run with at least this much useful work
-
-
-def choose_compile(run: Run) -> bool:
-    """training.compile "on"/"off" as configured; "auto" compiles a single-process CPU SFT run whose useful work
-    (4 x quantized parameters x tokens) is at least ``COMPILE_MIN_FLOP``: about 20 minutes at the ~160 GFLOP/s
-    measured on one AVX512-BF16 core, where the 1.16x faster steps repay the one-time ~1 minute compilation
-    with a margin. Dynamic rank,
-    offload, several processes and preference objectives (a second, no-grad reference pass) stay eager."""
-    cfg = run.config
-    if cfg.training.compile != "auto":
-        return cfg.training.compile == "on"
-    if (run.accelerator.device.type != "cpu" or run.schedule.world > 1 or cfg.lora.dynamic_rank
-            or cfg.model.offload != "none" or cfg.training.objective != "sft"):
-        return False
-    quantized = sum(m.weight.quant_state.shape.numel() for m in run.core.modules()
-                    if getattr(getattr(m, "weight", None), "quant_state", None) is not None)
-    epoch_tokens = sum(n_tokens(e) for e in run.train_set)
-    tokens = epoch_tokens * run.schedule.total_steps / max(run.schedule.steps_per_epoch, 1)
-    work = 4 * quantized * tokens
-    log.info("training.compile auto: %.1e FLOP of training work %s %.0e -> %s", work,
-             ">=" if work >= COMPILE_MIN_FLOP else "<", COMPILE_MIN_FLOP, "compile the decoder layers" if work >= COMPILE_MIN_FLOP
-             else "eager")
-    return work >= COMPILE_MIN_FLOP
 
