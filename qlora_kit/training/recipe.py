@@ -24,6 +24,7 @@ from qlora_kit.training.run import Run, TrainResult
 from qlora_kit.training.run_folder import check_run_folder
 from qlora_kit.training.setup import finished_result, plan_schedule, restore, resume_run, setup
 from qlora_kit.training.step import StepOutcome, StopFlag, optimizer_step
+from qlora_kit.training.tracking import accelerator_kwargs
 from qlora_kit.training.validate import validate_run
 
 log = logging.getLogger("qlora_kit")
@@ -43,7 +44,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     quiet_other_ranks()
     checked = validate_run(config, tokenizer, force)  # config, model folder, LoRA targets, every record; no weights
     folder = check_run_folder(Path(config.training.output_dir), resume, overwrite)
-    accelerator = make_accelerator(cpu=config.model.device == "cpu")
+    accelerator = make_accelerator(cpu=config.model.device == "cpu", **accelerator_kwargs(config))
     schedule = plan_schedule(config, checked.train_set, accelerator.num_processes)
     done = finished_result(folder, schedule.total_steps)
     if done is not None:
