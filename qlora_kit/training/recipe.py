@@ -43,6 +43,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     """
     quiet_other_ranks()
     checked = validate_run(config, tokenizer, force)  # config, model folder, LoRA targets, every record; no weights
+    log.info("%s", checked.summary())  # model, LoRA targets, data counts and lengths, prompt: said once, here
     folder = check_run_folder(Path(config.training.output_dir), resume, overwrite)
     accelerator = make_accelerator(cpu=config.model.device == "cpu", **accelerator_kwargs(config))
     schedule = plan_schedule(config, checked.train_set, accelerator.num_processes)
