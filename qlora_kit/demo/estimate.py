@@ -2,8 +2,8 @@
 
 Nothing here is a constant per machine: a training step is timed (forward and backward of one batch of the
 demo's training examples through the frozen 4-bit base: the work every step repeats, without the small LoRA
-share), and generation is timed on one batch of the held-out prompts with 1 and with 3 new tokens (the
-difference is the cost of one decoding step). The phases then scale by the planned work: steps, validation
+share), and generation is timed on one batch of the held-out prompts with 1 and with 5 new tokens (the
+difference prices a decoding step). The phases then scale by the planned work: steps, validation
 passes, batches and new tokens. The probes take a few seconds and leave the model as they found it.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ from qlora_kit.inference.generate import encode_prompts, generate_tokens
 from qlora_kit.inference.prompts import Prompt
 from qlora_kit.model.fused import dense_cache_bytes
 from qlora_kit.training.loss import causal_lm_loss
+
+_DECODE_STEPS = 4  # decoding steps timed (beyond the first token) to price one step of the evaluation
 
 
 @dataclass
@@ -67,13 +69,14 @@ def time_train_step(model: nn.Module, batch: list[Example], pad_id: int, max_seq
 
 
 def time_evaluation(model: nn.Module, tokenizer, prompts: list[Prompt], max_new_tokens: int) -> float:
-    """Seconds ``evaluate`` is expected to take on ``prompts``: one batch timed with 1 and 3 new tokens."""
+    """Seconds ``evaluate`` is expected to take on ``prompts``: one batch timed with 1 and 1 + _DECODE_STEPS new
+    tokens (their difference is the decoding steps' cost, less sensitive to noise the more steps it spans)."""
     rows = encode_prompts(tokenizer, prompts)
     size = choose_batch_size(model, max(map(len, rows)), max_new_tokens, len(rows), dense_cache_bytes(model))
     probe = prompts[:size]
     one = _timed(lambda: generate_tokens(model, tokenizer, probe, 1, size))  # prefill (+ the weight cache)
-    three = _timed(lambda: generate_tokens(model, tokenizer, probe, 3, size))
-    decode = max(three - one, 0.0) / 2  # one decoding step of the batch
+    more = _timed(lambda: generate_tokens(model, tokenizer, probe, 1 + _DECODE_STEPS, size))
+    decode = max(more - one, 0.0) / _DECODE_STEPS  # one decoding step of the batch
     return math.ceil(len(prompts) / size) * (one + (max_new_tokens - 1) * decode)
 
 
