@@ -81,3 +81,20 @@ def test_cli_validate_reports_a_missing_tracker_before_loading(tmp_path, tiny_mo
                  "training.report_to=[tensorboard, comet]"])
     assert code == 2
     assert "training.report_to: unknown tracker 'comet'" in capsys.readouterr().err
+
+
+def test_wandb_defaults_offline_in_the_run_folder_and_keeps_its_run_id(tmp_path, monkeypatch):
+    """W&B (not installed here, so its arguments are checked, not a run): offline unless WANDB_MODE is set,
+    writing under <output_dir>/tracking, and the same run id for a resumed run of the folder."""
+    from qlora_kit.training.tracking import tracker_kwargs
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    folder, ids = tmp_path / "run" / "tracking", {}
+    first = tracker_kwargs(["wandb", "tensorboard"], folder, ids, 0)
+    assert first["wandb"]["mode"] == "offline" and first["wandb"]["dir"] == str(folder)
+    assert "tensorboard" not in first  # a new run purges nothing
+    again = tracker_kwargs(["wandb", "tensorboard"], folder, ids, 6)
+    assert again["wandb"]["id"] == first["wandb"]["id"] and again["wandb"]["resume"] == "allow"
+    assert again["tensorboard"] == {"purge_step": 7}
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert "mode" not in tracker_kwargs(["wandb"], folder, {}, 0)["wandb"]

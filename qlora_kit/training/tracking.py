@@ -43,7 +43,7 @@ def flat_config(config: TrainConfig) -> dict:
     return flat
 
 
-def _init_kwargs(names: list[str], folder: Path, ids: dict, resume_step: int) -> dict:
+def tracker_kwargs(names: list[str], folder: Path, ids: dict, resume_step: int) -> dict:
     """Per-tracker keyword arguments: local folders, offline W&B, the saved run ids, TensorBoard's purge step."""
     kwargs: dict = {}
     if "tensorboard" in names and resume_step:
@@ -75,7 +75,7 @@ def start_tracking(accelerator, config: TrainConfig, resume_step: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     ids_file = folder / _IDS
     ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
-    kwargs = _init_kwargs(names, folder, ids, resume_step)
+    kwargs = tracker_kwargs(names, folder, ids, resume_step)
     accelerator.init_trackers(PROJECT, config=flat_config(config) if not resume_step else None, init_kwargs=kwargs)
     if "mlflow" in names:
         ids["mlflow"] = accelerator.get_tracker("mlflow", unwrap=True).info.run_id
