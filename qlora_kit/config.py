@@ -259,6 +259,26 @@ class DataConfig:
                               "or preference")
 
 
+# The experiment trackers training.report_to accepts (accelerate's tracker names) -> the package each one needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_trackers(value: list[str] | str, where: str) -> list[str]:
+    """``training.report_to`` as a list of tracker names ("none" and "" dropped; a string may list several, comma
+    separated). Raises ConfigError for an unknown name or a tracker whose package is not installed."""
+    import importlib.util
+
+    names = [n.strip() for n in value.split(",")] if isinstance(value, str) else list(value)
+    names = [n for n in dict.fromkeys(names) if n and n != "none"]
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"{where}: unknown tracker {name!r}; use {', '.join(TRACKERS)} or none")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(f"{where}: {name} is not installed; pip install {TRACKERS[name]} (or drop it from "
+                              f"{where})")
+    return names
+
+
 @dataclass
 class TrainingConfig:
     """The optimisation loop: batches, optimizer, schedule, evaluation, checkpoints and outputs."""
@@ -293,6 +313,7 @@ class TrainingConfig:
     orpo_lambda: float = ranged(0.1, "(0, inf)")  # ORPO: weight of the odds-ratio term added to the NLL of the chosen responses
     dpo_reference: str = "auto"  # DPO reference: "base" (adapters disabled), "adapter" (a frozen copy of model.adapter), "auto" (adapter when model.adapter is set, else base)
     reference_logps: str = "auto"  # DPO reference log-probs: "live" (a no-grad forward every step), "cache" (computed once per example before training, kept in the run folder), "auto" (cache when the run visits every pair at least once)
+    report_to: list[str] | str = field(default_factory=list)  # experiment trackers fed the metrics.jsonl numbers: tensorboard, wandb (offline unless WANDB_MODE is set), mlflow (a store in the run folder unless MLFLOW_TRACKING_URI is set), or none; logs go to <output_dir>/tracking
 
     def validate(self, where: str = "training") -> None:
         """Raise ConfigError for a wrongly typed, out-of-range or unknown setting."""
@@ -316,6 +337,7 @@ class TrainingConfig:
                 raise ConfigError(f"{where}.{key}: {getattr(self, key)!r}; use {', '.join(choices)}")
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError(f"{where}: set epochs > 0 or max_steps > 0")
+        self.report_to = check_trackers(self.report_to, f"{where}.report_to")
 
 
 @dataclass

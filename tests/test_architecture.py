@@ -7,7 +7,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qlora_kit"
 LAYERS = {  # top-level module or sub-package -> layer (docs/architecture.md, "Layers")
-    "dtypes": 0, "optimizers": 0, "config": 0, "config_yaml": 0, "config_aliases": 0, "config_fields": 0, "atomic": 0, "paths": 0,
+    "dtypes": 0, "optimizers": 0, "config": 0, "config_yaml": 0, "config_aliases": 0, "config_fields": 0, "atomic": 0, "paths": 0, "progress": 0,
     "hardware": 0, "model": 1, "planning": 1, "offload": 1, "data": 2, "training": 3, "inference": 3,
     "merging": 4, "demo": 5, "cli": 6, "api": 6, "__init__": 6, "__main__": 6, "testing": 7,
 }

@@ -155,3 +155,47 @@ def test_evaluate_renders_demo_prompts_as_before_and_scores(monkeypatch, dataset
     assert [p.text for p in seen["prompts"]] == want
     assert not any(p.special_tokens for p in seen["prompts"])
     assert (seen["max_new_tokens"], seen["batch_size"]) == (20, 7)
+
+
+def test_try_it_command_pastes_into_a_shell_whole(dataset, tmp_path):
+    """The demo's final hint: a complete held-out prompt (newlines, quotes, $ and all), shell-quoted, that the
+    CLI parses back to exactly that prompt (it used to be cut with "...")."""
+    import shlex
+
+    from qlora_kit.cli import build_parser
+    from qlora_kit.demo.run import try_it_command
+
+    adapter = tmp_path / "my runs" / "adapter"
+    for prompt in [user_content(dataset[1][0]), "O'Brien said \"hi\" $HOME `x`\n\nback\\slash"]:
+        cmd = try_it_command(adapter, prompt)
+        assert "..." not in cmd or "..." in prompt
+        argv = shlex.split(cmd)
+        assert argv[:2] == ["qlora-kit", "generate"] and argv[-1] == prompt
+        args = build_parser().parse_args(argv[1:])
+        assert args.prompt == [prompt] and args.adapter == [str(adapter)]  # one prompt, whole
+
+
+def test_demo_estimate_probes_leave_the_model_as_found(tiny_model_dir):
+    """The duration estimate times a real training step and generation batch, then scales by the planned work;
+    the probes leave no gradient, no hook and the same mode behind."""
+    from conftest import load_tiny
+
+    from qlora_kit.config import DataConfig, TrainConfig, TrainingConfig
+    from qlora_kit.data.prepare import prepare_data
+    from qlora_kit.demo.estimate import estimate_demo
+    from qlora_kit.inference.prompts import record_prompt
+
+    model, tok = load_tiny(tiny_model_dir)
+    model.eval()
+    records = make_demo_dataset(n_train=24, n_eval=8)
+    train_set, eval_set, _ = prepare_data(DataConfig(max_seq_len=2048), tok, records=records[0],
+                                          eval_records=records[1])
+    prompts = [record_prompt(tok, r)[0] for r in records[1]]
+    config = TrainConfig(data=DataConfig(max_seq_len=2048), training=TrainingConfig(batch_size=4, eval_every=2))
+    hooks = len(model.get_input_embeddings()._forward_hooks)
+    est = estimate_demo(model, tok, train_set, eval_set, prompts, config, max_new_tokens=8)
+    assert est.step > 0 and est.evaluation > 0
+    assert est.training >= 6 * est.step  # 24 examples / batch 4 = 6 steps, plus validation passes
+    assert est.total == 2 * est.evaluation + est.training
+    assert not model.training and len(model.get_input_embeddings()._forward_hooks) == hooks
+    assert all(p.grad is None for p in model.parameters())

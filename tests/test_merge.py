@@ -3,6 +3,7 @@ interop, errors that write nothing, a streaming memory bound measured in a subpr
 and re-quantization."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -344,3 +345,18 @@ def test_dtype_auto_keeps_bf16_when_the_delta_survives_the_cast(bf16_base, tmp_p
     assert report["cast_error_rel_to_delta"] == pytest.approx(report["dtype_auto"]["cast_error_rel_to_delta"], rel=1e-6)
     assert _tensors(tmp_path / "m")["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
     assert "rank 4, bfloat16) into" in capsys.readouterr().out
+
+
+def test_verification_and_eval_loss_show_progress_with_eta(tiny_model_dir, tiny_adapter_dir, tmp_path, capsys):
+    """Every verification phase over the prompts (and the eval loss) has a progress bar with a time estimate."""
+    from qlora_kit.progress import progress_bar
+
+    records = tmp_path / "eval.jsonl"
+    records.write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n" for w in ("hi", "yes")))
+    merge_and_export(tiny_model_dir, tiny_adapter_dir, tmp_path / "merged", dtype="fp32", eval_file=str(records))
+    err = capsys.readouterr().err
+    for phase in ("verify: 4-bit + adapter", "verify: merged", "eval loss"):
+        assert re.search(re.escape(phase) + r": 100%.*\[\d\d:\d\d<\d\d:\d\d", err), (phase, err[-2000:])
+    merge_and_export(tiny_model_dir, tiny_adapter_dir, tmp_path / "quiet", dtype="fp32", progress=False)
+    assert "verify:" not in capsys.readouterr().err
+    assert progress_bar(range(3), enabled=False).disable

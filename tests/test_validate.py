@@ -283,3 +283,27 @@ def test_force_flag_reaches_train_and_validate(tmp_path, tiny_model_dir, monkeyp
     monkeypatch.setattr(qlora_kit.hardware, "available_memory", lambda device: 2**20)
     assert main(["validate", str(_yaml(tmp_path, tiny_model_dir))]) == 2
     assert main(["validate", str(_yaml(tmp_path, tiny_model_dir)), "--force"]) == 0
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_cli_validate_says_each_thing_once(tmp_path, chat_template):
+    """The data summary, the prompt and the compute-dtype choice appear once in what `qlora-kit validate` shows
+    (issue 18: the data summary was logged by data preparation and printed again; the prompt line likewise)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from qlora_kit.testing.tiny import make_tiny_model
+
+    repo = Path(__file__).resolve().parents[1]
+    model = make_tiny_model(tmp_path / "model", chat_template=chat_template)
+    cmd = [sys.executable, "-m", "qlora_kit", "validate", str(repo / "docs" / "config.example.yaml"),
+           f"model.path={model}", f"training.output_dir={tmp_path / 'run'}",
+           f"data.train_file={repo / 'docs/examples/train.jsonl'}", f"data.eval_file={repo / 'docs/examples/eval.jsonl'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(repo)}, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    for start in ("data:", "prompt:", "compute dtype auto", "token length", "model:"):
+        assert sum(line.startswith(start) for line in lines) == 1, (start, lines)

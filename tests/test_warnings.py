@@ -17,6 +17,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+import pytest
+
 import qlora_kit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,3 +86,29 @@ def test_cli_merge_prints_no_warning_line(tiny_model_dir, tiny_adapter_dir, tmp_
                           stdin=subprocess.DEVNULL, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not WARNING_LINE.findall(proc.stderr), proc.stderr[-3000:]
+
+
+# What a user reads as a warning in a command's output: a Python warning or the source line printed under it.
+ANY_WARNING = re.compile(r"^.*(Warning|warn\().*$", re.MULTILINE)
+
+
+@pytest.mark.real_model
+def test_train_generate_merge_on_the_demo_model_print_no_warning_line(demo_model_dir, tmp_path):
+    """A normal run on the real demo model (a few steps of docs/config.example.yaml, TensorBoard logging on, then
+    generate and merge), each a `qlora-kit` subprocess as a user runs it: no warning line on stdout or stderr."""
+    run, env = tmp_path / "run", {**os.environ, "PYTHONPATH": str(REPO)}
+    commands = [
+        ["train", "docs/config.example.yaml", "training.max_steps=3", "training.eval_every=3",
+         "training.save_every=3", f"training.output_dir={run}", "training.report_to=[tensorboard]"],
+        ["generate", "--adapter", str(run / "adapter"), "--max-new-tokens", "24",
+         "Convert the record to one CSV line: last_name,first_name,birth_date,city (date as YYYY-MM-DD).\n\n"
+         "Ana Novak was born on 2 May 1990 in Porto."],
+        ["merge", "--base", "demo", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "merged")],
+    ]
+    for args in commands:
+        proc = subprocess.run([sys.executable, "-m", "qlora_kit", *args], check=False, capture_output=True, text=True,
+                              cwd=REPO, env=env, stdin=subprocess.DEVNULL, timeout=3600)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"qlora-kit {args[0]} exited {proc.returncode}:\n{output[-3000:]}"
+        assert not ANY_WARNING.findall(output), f"qlora-kit {args[0]}: {ANY_WARNING.findall(output)}"
+    assert list((run / "tracking").rglob("events.out.tfevents.*"))

@@ -96,11 +96,12 @@ def decide(tokenizer: Any, cfg: DataConfig, own: str | None) -> PromptContract:
                           cfg.system_prompt, cfg.chat_template, own)
 
 
-def prompt_contract(tokenizer: Any, cfg: DataConfig) -> PromptContract:
+def prompt_contract(tokenizer: Any, cfg: DataConfig, announce: bool = True) -> PromptContract:
     """The tokenizer's contract for ``cfg``, deciding it (and setting ``tokenizer.chat_template``) on first use.
 
     Idempotent: a tokenizer keeps its contract while ``data.chat_template`` and ``data.system_prompt`` stay
-    the same. Raises DataError for an unknown ``data.chat_template``.
+    the same. A decided template other than the tokenizer's own is logged when ``announce`` (data preparation
+    passes False: its caller's summary names the prompt). Raises DataError for an unknown ``data.chat_template``.
     """
     current = getattr(tokenizer, "qlora_prompt_contract", None)
     if current is not None and tokenizer.chat_template == current.chat_template:
@@ -111,7 +112,7 @@ def prompt_contract(tokenizer: Any, cfg: DataConfig) -> PromptContract:
         own = getattr(tokenizer, "chat_template", None) or None
     contract = decide(tokenizer, cfg, own)
     tokenizer.qlora_prompt_contract = contract
-    if contract.template != "tokenizer":
+    if contract.template != "tokenizer" and announce:
         log.info("%s", contract.describe())
     return contract
 

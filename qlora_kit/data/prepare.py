@@ -107,10 +107,12 @@ def _log_stats(stats: DataStats, cfg: DataConfig) -> None:
     if stats.truncated or stats.dropped:
         log.warning("data: %d of %d examples truncated to data.max_seq_len=%d, %d dropped with no supervised "
                     "token left", stats.truncated, stats.records, cfg.max_seq_len, stats.dropped)
-    log.info("data: %d train / %d eval examples from %d records; %d truncated to %d tokens, %d dropped "
-             "(no supervised token left); %d tokens (%d supervised); length p50/p90/p99/max %d/%d/%d/%d",
-             stats.examples, stats.eval_examples, stats.records, stats.truncated, cfg.max_seq_len, stats.dropped,
-             stats.tokens, stats.supervised_tokens, stats.len_p50, stats.len_p90, stats.len_p99, stats.len_max)
+    # the counts and lengths are reported once, by the caller (``ValidationReport.summary``: validate prints it,
+    # train logs it); at debug level here for the other callers
+    log.debug("data: %d train / %d eval examples from %d records; %d truncated to %d tokens, %d dropped "
+              "(no supervised token left); %d tokens (%d supervised); length p50/p90/p99/max %d/%d/%d/%d",
+              stats.examples, stats.eval_examples, stats.records, stats.truncated, cfg.max_seq_len, stats.dropped,
+              stats.tokens, stats.supervised_tokens, stats.len_p50, stats.len_p90, stats.len_p99, stats.len_max)
 
 
 def _split(train_tok: TokenizedSource, name: str, fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -145,7 +147,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, cache_dir: Path | None = None,
         DataError naming file, line and field for malformed records, an empty dataset, data where every
         example is too long for ``cfg.max_seq_len``, or preference records in one source but not the other.
     """
-    prompt_contract(tokenizer, cfg)  # the text layout, decided before the cache key reads the chat template
+    prompt_contract(tokenizer, cfg, announce=False)  # the text layout, decided before the cache key reads the chat template
     cache_dir = Path(cache_dir) if cache_dir else (Path(cfg.cache_dir) if cfg.cache_dir else None)
     fp = tokenizer_fingerprint(tokenizer) if cache_dir else ""
     rows, content, name = read_source(cfg.train_file, records, "train_file")

@@ -157,11 +157,12 @@ def _cases(
 
 
 def _loss(
-    model, tokenizer, records: list[dict], fmt: str, system: str | None, max_seq_len: int, batch_size: int
+    model, tokenizer, records: list[dict], fmt: str, system: str | None, max_seq_len: int, batch_size: int,
+    progress: bool = False,
 ) -> float:
     cfg = DataConfig(format=fmt, max_seq_len=max_seq_len, system_prompt=system or "")
     examples, _, _ = prepare_data(cfg, tokenizer, records=records)
-    return evaluate_loss(model, examples, batch_size, tokenizer.pad_token_id, max_seq_len)
+    return evaluate_loss(model, examples, batch_size, tokenizer.pad_token_id, max_seq_len, progress=progress)
 
 
 def _score(model, tokenizer, records: list[dict], metric: str, settings: dict) -> EvalResult:
@@ -194,6 +195,7 @@ def _score(model, tokenizer, records: list[dict], metric: str, settings: dict) -
             system,
             settings["max_seq_len"],
             result.batch_size or settings["batch_size"] or 8,
+            settings["progress"],
         )
     return result
 

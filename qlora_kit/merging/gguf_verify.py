@@ -24,6 +24,7 @@ from qlora_kit.merging.verify import (
     reference_model,
     run_prompts,
 )
+from qlora_kit.progress import progress_bar
 
 # max |Δlogit| / max |logit| allowed for the file read back by transformers (dequantized to fp32), against the
 # 4-bit base + adapter, per stored type: rounding the merged weights moves the logits. Measured on the tests'
@@ -45,13 +46,13 @@ def _span(ex) -> tuple[list[int], list[int]]:
 
 
 @torch.no_grad()
-def _hf_exact_match(model, examples: list) -> float:
+def _hf_exact_match(model, examples: list, progress: bool = False) -> float:
     """Share of examples whose greedy continuation reproduces the supervised tokens exactly."""
     from qlora_kit.model.fused import dequantized_weights
 
     hits = 0
     with dequantized_weights(model):  # a 4-bit reference dequantizes each weight once, not once per token
-        for ex in examples:
+        for ex in progress_bar(examples, desc="verify: exact match", unit="example", enabled=progress):
             prompt, answer = _span(ex)
             ids = torch.tensor([prompt])  # [1, T]
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(answer),
@@ -60,10 +61,10 @@ def _hf_exact_match(model, examples: list) -> float:
     return hits / max(len(examples), 1)
 
 
-def _evaluate(model, examples: list | None) -> dict:
+def _evaluate(model, examples: list | None, progress: bool = False) -> dict:
     if not examples:
         return {}
-    return {"eval_loss": eval_loss(model, examples), "exact_match": _hf_exact_match(model, examples)}
+    return {"eval_loss": eval_loss(model, examples, progress), "exact_match": _hf_exact_match(model, examples, progress)}
 
 
 def _transformers_gguf(path: Path):
@@ -81,7 +82,8 @@ def _tokenizer_agreement(path: Path, tok, prompts: list[str]) -> float:
     return sum(rebuilt(p).input_ids == tok(p).input_ids for p in prompts) / len(prompts)
 
 
-def _llama_cpp_run(path: Path, ids: list[list[int]], max_new: int, examples: list | None, n_ctx: int) -> dict:
+def _llama_cpp_run(path: Path, ids: list[list[int]], max_new: int, examples: list | None, n_ctx: int,
+                   progress: bool = False) -> dict:
     """llama.cpp itself: logits of each prompt, greedy continuations, and exact match on the examples."""
     from llama_cpp import Llama
 
@@ -98,7 +100,7 @@ def _llama_cpp_run(path: Path, ids: list[list[int]], max_new: int, examples: lis
         return out
 
     logits, gens = [], []
-    for p in ids:
+    for p in progress_bar(ids, desc="verify: llama.cpp", unit="prompt", enabled=progress):
         llm.reset()
         llm.eval(p)
         logits.append(torch.from_numpy(np.array(llm.scores[:len(p)], dtype=np.float32)))  # [T, V]
@@ -106,19 +108,20 @@ def _llama_cpp_run(path: Path, ids: list[list[int]], max_new: int, examples: lis
     run = {"logits": logits, "generations": gens}
     if examples:
         spans = [_span(ex) for ex in examples]
-        run["exact_match"] = sum(greedy(p, len(a)) == a for p, a in spans) / len(spans)
+        bar = progress_bar(spans, desc="verify: llama.cpp exact match", unit="example", enabled=progress)
+        run["exact_match"] = sum(greedy(p, len(a)) == a for p, a in bar) / len(spans)
     run["tokenize"] = lambda text: llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
     return run
 
 
-def _llama_cpp_check(path: Path, tok, prompts, ids, ref, base, examples, max_new) -> dict:
+def _llama_cpp_check(path: Path, tok, prompts, ids, ref, base, examples, max_new, progress: bool = False) -> dict:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed (pip install 'qlora-kit[gguf]')"}
     prompt_ids = [i[0].tolist() for i in ids]
     need = max(len(i) for i in prompt_ids + [ex.input_ids for ex in examples or []]) + max_new + 8
-    run = _llama_cpp_run(path, prompt_ids, max_new, examples, 256 * -(-need // 256))  # llama.cpp pads n_ctx to 256
+    run = _llama_cpp_run(path, prompt_ids, max_new, examples, 256 * -(-need // 256), progress)  # n_ctx: 256s
     result = compare_runs(ref, run)
     result["tokenizer_ids_identical"] = sum(run["tokenize"](p) == tok(p).input_ids for p in prompts) / len(prompts)
     if base is not None:
@@ -141,20 +144,20 @@ def verify_gguf(path: Path, src, tok, info, quant: str, prompts: list[str] | Non
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     examples = read_eval_examples(eval_file, tok)[:eval_limit] if eval_file is not None else None
     model = reference_model(src.plan) if src.plan is not None else plain_model(src.inputs[0])
-    ref = run_prompts(model, ids, pad, max_new_tokens, "reference")
+    ref = run_prompts(model, ids, pad, max_new_tokens, "reference", progress)
     base = None
     if src.plan is not None:
         from qlora_kit.model.lora import adapters_disabled
 
         with adapters_disabled(model):
-            base = run_prompts(model, ids, pad, 1, "4-bit base")  # only its logits are used
+            base = run_prompts(model, ids, pad, 1, "4-bit base", progress)  # only its logits are used
     reference = {"model": "4-bit base + adapter" if src.plan is not None else "merged folder (fp32)",
-                 **_evaluate(model, examples)}
+                 **_evaluate(model, examples, progress)}
     free_model(model)
 
     model = _transformers_gguf(path)
-    loaded = run_prompts(model, ids, pad, max_new_tokens, "gguf")
-    hf = {**compare_runs(ref, loaded), **_evaluate(model, examples)}
+    loaded = run_prompts(model, ids, pad, max_new_tokens, "gguf", progress)
+    hf = {**compare_runs(ref, loaded), **_evaluate(model, examples, progress)}
     free_model(model)
     if base is not None:
         hf["logit_effect_retained"] = effect_retained(base, ref, loaded)
@@ -162,7 +165,7 @@ def verify_gguf(path: Path, src, tok, info, quant: str, prompts: list[str] | Non
     hf["generations"] = {"reference": [tok.decode(g) for g in ref["generations"]],
                          "gguf": [tok.decode(g) for g in loaded["generations"]]}
     result = {"prompts": prompts, "max_new_tokens": max_new_tokens, "reference": reference, "transformers": hf,
-              "llama_cpp": _llama_cpp_check(path, tok, prompts, ids, ref, base, examples, max_new_tokens)}
+              "llama_cpp": _llama_cpp_check(path, tok, prompts, ids, ref, base, examples, max_new_tokens, progress)}
     if examples:
         result["eval_records"] = len(examples)
     _judge(result, src, quant, strict)

@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from qlora_kit.dtypes import dtype_name
 from qlora_kit.merging.plan import MergePlan, build_plan
 from qlora_kit.merging.write import write_model
+from qlora_kit.progress import progress_bar
 
 DEFAULT_PROMPTS = [
     "The capital of France is",
@@ -41,11 +41,12 @@ class VerificationError(RuntimeError):
 # Running one model
 
 @torch.no_grad()
-def run_prompts(model, prompt_ids: list[torch.Tensor], pad_id: int, max_new_tokens: int, desc: str) -> dict:
-    """Logits ``[T, V]`` for each prompt and its greedy continuation (token ids)."""
+def run_prompts(model, prompt_ids: list[torch.Tensor], pad_id: int, max_new_tokens: int, desc: str,
+                progress: bool = False) -> dict:
+    """Logits ``[T, V]`` for each prompt and its greedy continuation (token ids); a bar with ETA when ``progress``."""
     model.eval()
     logits, gens = [], []
-    for ids in tqdm(prompt_ids, desc=desc, unit="prompt", disable=True):
+    for ids in progress_bar(prompt_ids, desc=f"verify: {desc}", unit="prompt", enabled=progress):
         logits.append(model(input_ids=ids).logits[0].float())  # [T, V]
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
@@ -145,12 +146,12 @@ def eval_prompts(path: str | Path, tokenizer, limit: int = EVAL_PROMPTS) -> list
     return prompts
 
 
-def eval_loss(model, examples: list) -> float:
+def eval_loss(model, examples: list, progress: bool = False) -> float:
     """Mean cross-entropy per supervised token over ``data.Example`` s, one sequence at a time (no padding)."""
     from qlora_kit.training.evaluate import evaluate_loss
 
     longest = max((len(e.input_ids) for e in examples), default=1)
-    return evaluate_loss(model, examples, batch_size=1, pad_id=0, max_seq_len=longest)
+    return evaluate_loss(model, examples, batch_size=1, pad_id=0, max_seq_len=longest, progress=progress)
 
 
 def _other_merge_loss(plan: MergePlan, folder: Path, examples: list, progress: bool) -> tuple[str, float]:
@@ -162,7 +163,7 @@ def _other_merge_loss(plan: MergePlan, folder: Path, examples: list, progress: b
     try:
         write_model(other_plan, scratch, 2**62, progress)
         model = plain_model(scratch)
-        loss = eval_loss(model, examples)
+        loss = eval_loss(model, examples, progress)
         free_model(model)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -194,20 +195,21 @@ def verify_export(folder: Path, plan: MergePlan, prompts: list[str] | None = Non
                     "memory": "one model at a time: the 4-bit base + adapter, then the merged model in fp32"}
 
     model = reference_model(plan)
-    ref = run_prompts(model, ids, pad, max_new_tokens, "4-bit + adapter")
+    ref = run_prompts(model, ids, pad, max_new_tokens, "4-bit + adapter", progress)
     base = None
     if plan.requantize is not None:
         from qlora_kit.model.lora import adapters_disabled
 
         with adapters_disabled(model):
-            base = run_prompts(model, ids, pad, 1, "4-bit base")  # only its logits are used
-    losses = {"4bit_plus_adapter": eval_loss(model, records)} if records else {}
+            base = run_prompts(model, ids, pad, 1, "4-bit base", progress)  # only its logits are used
+    losses = {"4bit_plus_adapter": eval_loss(model, records, progress)} if records else {}
     free_model(model)
 
     model = plain_model(folder)
-    merged = run_prompts(model, ids, pad, max_new_tokens, "merged")
+    merged = run_prompts(model, ids, pad, max_new_tokens, "merged", progress)
     if records:
-        losses[f"merged_{plan.merge_base}" + ("_requantized" if plan.requantize else "")] = eval_loss(model, records)
+        key = f"merged_{plan.merge_base}" + ("_requantized" if plan.requantize else "")
+        losses[key] = eval_loss(model, records, progress)
     free_model(model)
 
     result.update(compare_runs(ref, merged))

@@ -81,20 +81,23 @@ def fsdp_wrap_policy(model: nn.Module):
     ])
 
 
-def make_accelerator(cpu: bool, timeout_s: float | None = None):
-    """An Accelerator whose process group times out (gloo on CPU, nccl on GPUs) instead of hanging."""
+def make_accelerator(cpu: bool, timeout_s: float | None = None, **tracking):
+    """An Accelerator whose process group times out (gloo on CPU, nccl on GPUs) instead of hanging.
+
+    ``tracking``: ``log_with``/``project_dir`` for experiment trackers (``tracking.accelerator_kwargs``).
+    """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     if launched_world_size() == 1:
-        return Accelerator(cpu=cpu)
+        return Accelerator(cpu=cpu, **tracking)
     timeout_s = timeout_s or float(os.environ.get("QLORA_KIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     gpu = not cpu and torch.cuda.is_available()
     kwargs = InitProcessGroupKwargs(backend="nccl" if gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     # every buffer is the same on every rank by construction (rotary tables; a DPO reference's frozen LoRA copy,
     # as large as the adapter): DDP need not broadcast them before each forward
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    return Accelerator(cpu=cpu, kwargs_handlers=[kwargs, ddp])
+    return Accelerator(cpu=cpu, kwargs_handlers=[kwargs, ddp], **tracking)
 
 
 def quiet_other_ranks() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import resource
+from collections.abc import Callable
 from pathlib import Path
 
 from qlora_kit.atomic import atomic_write_bytes
@@ -20,8 +21,9 @@ def _parse_line(line: str) -> dict | None:
 class MetricsLog:
     """Append-only JSON-lines log that survives resume: lines past the resumed step are dropped."""
 
-    def __init__(self, path: Path, resume_step: int = 0, enabled: bool = True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, resume_step: int = 0, enabled: bool = True,
+                 on_write: Callable[[dict], None] | None = None):
+        self.path, self.enabled, self.on_write = path, enabled, on_write  # on_write: also send each record (trackers)
         self.records: list[dict] = []
         if enabled and path.is_file():
             kept = [r for line in path.read_text().splitlines() if (r := _parse_line(line)) is not None]
@@ -34,6 +36,8 @@ class MetricsLog:
         if self.enabled:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.on_write is not None:
+                self.on_write(record)
 
     def plot(self, out: Path) -> Path | None:
         """Train and validation loss against step, titled by the run folder, written atomically to ``out`` (PNG)."""

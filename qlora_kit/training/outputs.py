@@ -7,6 +7,7 @@ run on every rank.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata as md
 import logging
 
@@ -24,6 +25,7 @@ from qlora_kit.training.distributed import full_adapter_params, gathered_optimiz
 from qlora_kit.training.metrics import MetricsLog, peak_rss_mb
 from qlora_kit.training.run import Run, RunDiverged, TrainResult
 from qlora_kit.training.run_folder import replace_keeping_foreign, write_summary
+from qlora_kit.training.tracking import log_record, start_tracking
 
 log = logging.getLogger("qlora_kit")
 
@@ -39,7 +41,10 @@ def start_records(run: Run, progress: bool) -> None:
             "versions": _versions(), "seed": config.training.seed, "world_size": run.schedule.world,
             "gradient_checkpointing": run.checkpointing,
             "data": dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else stats})
-    run.metrics = MetricsLog(run.out / "metrics.jsonl", run.progress.done, enabled=run.main)
+    start_tracking(run.accelerator, run.config, run.progress.done)
+    run.metrics = MetricsLog(run.out / "metrics.jsonl", run.progress.done, enabled=run.main,
+                             on_write=functools.partial(log_record, run.accelerator) if run.accelerator.trackers
+                             else None)
     run.bar = tqdm(total=run.schedule.total_steps, initial=run.progress.done, desc="train",
                    disable=not (progress and run.main), dynamic_ncols=True)
 
@@ -92,6 +97,8 @@ def finish(run: Run) -> TrainResult:
     if run.main:
         run.metrics.plot(out / "loss.png")
         write_summary(out, result)
+    if run.accelerator.trackers:  # close the trackers' runs (and, with several processes, the process group)
+        run.accelerator.end_training()
     if p.stopped_because is not None:
         raise RunDiverged(p.stopped_because)
     return result

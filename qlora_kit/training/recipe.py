@@ -32,6 +32,7 @@ from qlora_kit.training.setup import (
     setup,
 )
 from qlora_kit.training.step import StepOutcome, StopFlag, optimizer_step
+from qlora_kit.training.tracking import accelerator_kwargs
 from qlora_kit.training.validate import validate_run
 
 log = logging.getLogger("qlora_kit")
@@ -51,8 +52,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, mode
     quiet_other_ranks()
     checked = validate_run(config, tokenizer, force)  # config, model folder, LoRA targets, every record; no weights
     config = checked.config  # with model.adapter: its LoRA settings
+    log.info("%s", checked.summary())  # model, LoRA targets, data counts and lengths, prompt: said once, here
     folder = check_run_folder(Path(config.training.output_dir), resume, overwrite)
-    accelerator = make_accelerator(cpu=config.model.device == "cpu")
+    accelerator = make_accelerator(cpu=config.model.device == "cpu", **accelerator_kwargs(config))
     schedule = plan_schedule(config, checked.train_set, accelerator.num_processes)
     done = finished_result(folder, schedule.total_steps)
     if done is not None:

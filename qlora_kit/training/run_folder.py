@@ -32,7 +32,7 @@ log = logging.getLogger("qlora_kit")
 MARKER = ".qlora-kit-run.json"
 # everything a run writes at the top of its folder
 OUTPUTS = ("config.yaml", "run_info.json", "metrics.jsonl", "summary.json", "loss.png", "adapter", "best_adapter",
-           "checkpoints", ".offload", "reference_logps.safetensors")
+           "checkpoints", ".offload", "reference_logps.safetensors", "tracking")
 FINISHED = ("completed", "early_stopped")
 
 
