@@ -72,10 +72,10 @@ def write_preference_dataset(out_dir: str | Path, n_train: int = 160, n_eval: in
     return paths
 
 
-def preference_config(model_path: str | Path, train_file: Path, eval_file: Path, out: Path,
+def preference_config(model_path: str | Path, train_file: Path, eval_file: Path | None, out: Path,
                       sft_adapter: str | Path | None, training: dict, compute_dtype: str = "auto") -> TrainConfig:
     """The demo's DPO run: from ``sft_adapter`` (``model.adapter``; its own LoRA shape) or, when None, from
-    the base with a fresh r=16 all-linear adapter; ``training`` sets TrainingConfig fields (objective, beta,
+    the base with a fresh r=16 all-linear adapter; ``eval_file`` None: no validation; ``training`` sets TrainingConfig fields (objective, beta,
     lr, batch, steps...). Raises ConfigError when ``sft_adapter`` is given but this qlora-kit has no
     ``model.adapter`` setting to start from it."""
     model = ModelConfig(path=str(model_path), compute_dtype=compute_dtype)
@@ -88,7 +88,7 @@ def preference_config(model_path: str | Path, train_file: Path, eval_file: Path,
         model.adapter = str(sft_adapter)
         lora = dataclasses.replace(read_adapter(sft_adapter).config, dropout=0.0)
     return TrainConfig(model=model, lora=lora or LoraConfig(r=16, alpha=32.0),
-                       data=DataConfig(train_file=str(train_file), eval_file=str(eval_file), max_seq_len=256),
+                       data=DataConfig(train_file=str(train_file), eval_file=str(eval_file or ""), max_seq_len=256),
                        training=TrainingConfig(output_dir=str(out), **training))
 
 
