@@ -4,7 +4,8 @@ The same model (SmolLM2-135M-Instruct, NF4 + double quant), the same pairs (the 
 ``qlora_kit/demo/preference.py``: the chosen answer writes the city in capitals), the same settings (sigmoid
 DPO, beta 0.1, lr 1e-4 cosine with 2 warmup steps, batch 8 pairs, max_seq_len 256, LoRA r=16 alpha=32 on all
 linear layers, seed 42), both from the base with the base as reference (TRL: the PEFT model with its adapter
-disabled, no second model), each in its own subprocess, one after the other:
+disabled, no second model; the reference log-probs computed live at every step in both: no precomputed cache),
+each in its own subprocess, one after the other:
 
   ours   qlora_kit.training.recipe.train, training.objective=dpo, with its defaults (compute dtype auto,
          checkpointing auto, paged_adamw_8bit: adamw_8bit on CPU)
@@ -53,6 +54,8 @@ def worker_ours(args) -> dict:
                 "scheduler": "cosine", "warmup_steps": WARMUP, "eval_every": 0, "save_every": 0, "seed": SEED}
     config = preference_config(args.model, data / "train.jsonl", None, out / "run", None, training)
     config.data.cache_dir = str(data / ".token-cache")
+    if hasattr(config.training, "reference_logps"):  # a reference forward every step, as TRL's default does
+        config.training.reference_logps = "live"
     model, tokenizer = load_model(args.model)  # defaults: NF4 + double quant, compute dtype auto
     result = train(config, progress=False, model=model, tokenizer=tokenizer)
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
