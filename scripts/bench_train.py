@@ -166,6 +166,55 @@ def validation_loss(model, examples, pad_id: int, autocast_bf16: bool = False) -
     return total / max(count, 1)
 
 
+def step_timer():
+    """A transformers TrainerCallback summing the wall time of optimizer steps into ``.seconds``."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds, self.t0 = 0.0, None
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.seconds += time.perf_counter() - self.t0
+
+    return StepTimer()
+
+
+def count_tokens(trainer) -> dict:
+    """Wrap a transformers Trainer's collator to count non-padding ``tokens`` and ``supervised`` tokens (labels,
+    or TRL's ``completion_mask``) of every batch it trains on; returns the live counts."""
+    counts, collator = {"tokens": 0, "supervised": 0}, trainer.data_collator
+
+    def counting(features):
+        batch = collator(features)
+        counts["tokens"] += int(batch["attention_mask"].sum())
+        counts["supervised"] += int((batch["labels"][:, 1:] != -100).sum()) if "labels" in batch else \
+            int(batch["completion_mask"].sum())
+        return batch
+
+    trainer.data_collator = counting
+    return counts
+
+
+def run_process(name: str, cmd: list[str], out: Path, threads: int) -> dict:
+    """Run a worker command with ``threads`` OpenMP threads, its output in ``out/log.txt``; its result.json."""
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[2:])}", flush=True)
+    t = time.perf_counter()
+    with open(out / "log.txt", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)})
+    if proc.returncode != 0:
+        tail = (out / "log.txt").read_text().splitlines()[-15:]
+        raise SystemExit(f"{name} failed ({proc.returncode}):\n" + "\n".join(tail))
+    result = json.loads((out / "result.json").read_text())
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {time.perf_counter() - t:.0f} s, "
+          f"{result['tokens'] / result['train_s']:.0f} tokens/s", flush=True)
+    return result
+
+
 # ------------------------------------------------------------------------------------------------
 # workers
 
@@ -209,7 +258,7 @@ def worker_peer(args) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
     torch.set_num_threads(args.threads)
@@ -227,17 +276,7 @@ def worker_peer(args) -> dict:
     model = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.seconds, self.t0 = 0.0, None
-
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            self.seconds += time.perf_counter() - self.t0
-
-    timer = StepTimer()
+    timer = step_timer()
     sft = SFTConfig(output_dir=str(out / "run"), max_length=MAX_LEN, per_device_train_batch_size=BATCH,
                     num_train_epochs=1, max_steps=args.max_steps or -1, learning_rate=LR, lr_scheduler_type="cosine",
                     warmup_steps=WARMUP, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
@@ -246,16 +285,7 @@ def worker_peer(args) -> dict:
                     gradient_checkpointing_kwargs={"use_reentrant": False} if args.checkpointing else None,
                     completion_only_loss=True, packing=False, dataloader_num_workers=0, disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=sft, train_dataset=ds, processing_class=tokenizer, callbacks=[timer])
-    counts = {"tokens": 0, "supervised": 0}
-    collator = trainer.data_collator
-
-    def counting(features):
-        batch = collator(features)
-        counts["tokens"] += int(batch["attention_mask"].sum())
-        counts["supervised"] += int((batch["labels"][:, 1:] != -100).sum())
-        return batch
-
-    trainer.data_collator = counting
+    counts = count_tokens(trainer)
     trainer.train()
     peaks = training_peaks()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -292,18 +322,7 @@ def launch(name: str, kind: str, args, out: Path, data: Path, model: Path, **ext
         cmd.append("--no-eval")
     if extra.get("compile"):
         cmd.append("--compile")
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[2:])}", flush=True)
-    t = time.perf_counter()
-    with open(out / "log.txt", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
-                                                                   "OMP_NUM_THREADS": str(args.threads)})
-    if proc.returncode != 0:
-        tail = (out / "log.txt").read_text().splitlines()[-15:]
-        raise SystemExit(f"{name} failed ({proc.returncode}):\n" + "\n".join(tail))
-    result = json.loads((out / "result.json").read_text())
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {time.perf_counter() - t:.0f} s, "
-          f"{result['tokens'] / result['train_s']:.0f} tokens/s", flush=True)
-    return result
+    return run_process(name, cmd, out, args.threads)
 
 
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")

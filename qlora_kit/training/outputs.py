@@ -93,9 +93,9 @@ def finish(run: Run) -> TrainResult:
         adapter_dir = out / "adapter"
     result = TrainResult(out, adapter_dir, p.status, p.done, p.tokens, p.supervised_tokens, p.seconds,
                          _peak_memory_mb(), p.last_loss, p.eval_loss, p.best_eval_loss, p.best_step,
-                         p.stopped_because)
+                         p.stopped_because, p.eval_pairs)
     if run.main:
-        run.metrics.plot(out / "loss.png")
+        run.metrics.plot(out / "loss.png", run.config.training)
         write_summary(out, result)
     if run.accelerator.trackers:  # close the trackers' runs (and, with several processes, the process group)
         run.accelerator.end_training()

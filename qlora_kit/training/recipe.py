@@ -119,10 +119,17 @@ def accept(run: Run, step: int, outcome: StepOutcome) -> None:
     if p.done % tc.log_every == 0 or p.done == run.schedule.total_steps:
         run.metrics.write(record)
     run.bar.update(1)
-    shown = {"margin": f"{outcome.pairs['reward_margin']:.3f}", "acc": f"{outcome.pairs['pref_accuracy']:.2f}"} \
-        if outcome.pairs else {}
-    run.bar.set_postfix(loss=f"{outcome.loss:.4f}", **shown, lr=f"{outcome.lr:.2e}",
+    run.bar.set_postfix(loss=f"{outcome.loss:.4f}", **pair_postfix(outcome.pairs), lr=f"{outcome.lr:.2e}",
                         tok_s=f"{p.tokens / p.seconds:.0f}")
+
+
+def pair_postfix(pairs: dict | None) -> dict[str, str]:
+    """The progress bar's short form of a step's pair metrics (empty for sft): rewards of chosen (``r+``) and
+    rejected (``r-``) responses, their margin and the preference accuracy."""
+    if not pairs:
+        return {}
+    return {"r+": f"{pairs['reward_chosen']:.3f}", "r-": f"{pairs['reward_rejected']:.3f}",
+            "margin": f"{pairs['reward_margin']:.3f}", "acc": f"{pairs['pref_accuracy']:.2f}"}
 
 
 def maybe_evaluate(run: Run) -> None:
@@ -134,6 +141,7 @@ def maybe_evaluate(run: Run) -> None:
     set_rank(run.core, inference_rank(run.config.lora))  # lora.active_rank, r by default
     with eager():  # compiled layers would recompile for no-grad evaluation
         p.eval_loss, extra = validation_loss(run)
+    p.eval_pairs = extra or None
     run.core.train()
     improved = p.best_eval_loss is None or p.eval_loss < p.best_eval_loss
     if improved:
@@ -143,7 +151,9 @@ def maybe_evaluate(run: Run) -> None:
         p.bad_evals += 1
     run.metrics.write({"step": p.done, "eval_loss": round(p.eval_loss, 6), **extra})
     if run.main:
-        run.bar.write(f"step {p.done}: validation loss {p.eval_loss:.4f}" + (" (best)" if improved else ""))
+        pairs = (f", reward margin {extra['eval_reward_margin']:.3f}, preference accuracy "
+                 f"{extra['eval_pref_accuracy']:.0%}") if extra else ""
+        run.bar.write(f"step {p.done}: validation loss {p.eval_loss:.4f}{pairs}" + (" (best)" if improved else ""))
     if tc.early_stopping_patience and p.bad_evals >= tc.early_stopping_patience:
         p.status = "early_stopped"
 

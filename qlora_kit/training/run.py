@@ -42,6 +42,7 @@ class TrainResult:
     best_eval_loss: float | None  # best validation loss seen
     best_step: int | None  # the step of the best validation loss
     stopped_because: str | None = None  # status "diverged": the one-line reason
+    eval_pairs: dict | None = None  # dpo/orpo: the last evaluation's eval_reward_chosen, eval_reward_rejected, eval_reward_margin, eval_pref_accuracy
 
     @property
     def tokens_per_s(self) -> float:
@@ -73,6 +74,7 @@ class Progress:
     status: str = "completed"  # becomes "early_stopped", "interrupted" or "diverged"
     last_loss: float | None = None  # loss of the last accepted step
     eval_loss: float | None = None  # the latest validation loss
+    eval_pairs: dict | None = None  # dpo/orpo: the latest evaluation's pair metrics (eval_-prefixed means)
     stopped_because: str | None = None  # status "diverged": the one-line reason
 
 

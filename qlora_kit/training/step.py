@@ -9,6 +9,7 @@ interrupted one bit for bit on CPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import signal
@@ -24,7 +25,7 @@ from qlora_kit.model.lora import sample_rank, set_rank
 from qlora_kit.training.distributed import clip_grad_norm
 from qlora_kit.training.health import Problem, largest_weight
 from qlora_kit.training.loss import causal_lm_loss, supervised_count
-from qlora_kit.training.objectives import PreferenceLoss
+from qlora_kit.training.objectives import PairStats, PreferenceLoss
 from qlora_kit.training.optim import lr_at, set_lr
 from qlora_kit.training.reference_cache import attach
 from qlora_kit.training.run import Run
@@ -107,7 +108,7 @@ class StepOutcome:
     loss: float  # mean loss per supervised token over the whole step (all ranks)
     grad_norm: float  # the gradient norm before clipping
     supervised_tokens: int  # supervised tokens of the step, all ranks
-    pairs: dict | None  # dpo/orpo: this rank's reward_chosen, reward_rejected, reward_margin, pref_accuracy
+    pairs: dict | None  # dpo/orpo: the step's reward_chosen, reward_rejected, reward_margin, pref_accuracy (all ranks)
     lr: float | None  # the learning rate applied (None: the step was not applied)
     rank: int | None  # the LoRA rank sampled for this step (dynamic rank), else None
     stopping: bool  # a stop signal reached some rank during the step (all-reduced when several ranks)
@@ -148,10 +149,12 @@ def optimizer_step(run: Run, step: int, stop: StopFlag) -> StepOutcome:
                                       step_tokens if preference is None else 1)
     step_input = sum(n_tokens(e) for b in group[acc.process_index::world] for e in b)
     stopping = stop.signal is not None
-    if world > 1:  # one all-reduce: loss, tokens, and whether any rank was asked to stop
-        summed = acc.reduce(torch.tensor([loss_total, step_input, float(stopping)], dtype=torch.float64,
+    pair_sums = dataclasses.astuple(preference.stats) if preference is not None else ()
+    if world > 1:  # one all-reduce: loss, tokens, whether any rank was asked to stop, and the pair sums
+        summed = acc.reduce(torch.tensor([loss_total, step_input, float(stopping), *pair_sums], dtype=torch.float64,
                                          device=acc.device), "sum")
         loss_total, step_input, stopping = summed[0].item(), int(summed[1].item()), bool(summed[2].item())
+        pair_sums = tuple(summed[3:].tolist())
     run.progress.tokens += step_input
     run.progress.supervised_tokens += step_tokens
     loss = loss_total / max(step_tokens, 1) if preference is None else loss_total
@@ -164,7 +167,7 @@ def optimizer_step(run: Run, step: int, stop: StopFlag) -> StepOutcome:
         run.optimizer.step()
         problem = run.monitor.check_weights(step + 1, _largest_weight(run))
     run.optimizer.zero_grad(set_to_none=True)
-    pairs = preference.stats.means() if preference is not None else None
+    pairs = PairStats(int(pair_sums[0]), *pair_sums[1:]).means() if preference is not None else None
     return StepOutcome(started, loss, norm, step_tokens, pairs, lr, sampled_rank, stopping, problem)
 
 
