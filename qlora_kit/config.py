@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from qlora_kit.config_aliases import suggest
-from qlora_kit.config_fields import check_fields, ranged, show_value
+from qlora_kit.config_fields import check_fields, coerce, ranged
 from qlora_kit.config_yaml import (  # noqa: F401
     ConfigError,
     apply_overrides,
@@ -133,68 +132,6 @@ def _unknown_keys(cls: type, data: dict, where: str) -> list[tuple[str, str]]:
     return found
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check and convert one YAML value to the field's annotated type."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping of settings, got {type(value).__name__}")
-        return from_dict(hint, value, where)
-    if origin in (Union, types.UnionType):  # Optional[X] / Union[X, Y] and X | Y
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[-1] if errors else f"{where}: invalid value {show_value(value)}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {show_value(value)}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {show_value(value)}")
-        return value
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}: expected true or false, got {show_value(value)}")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: expected an integer, got {show_value(value)}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {show_value(value)}") from None
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}: expected a number, got {show_value(value)}")
-        try:
-            return float(value)
-        except (ValueError, OverflowError):
-            raise ConfigError(f"{where}: expected a number, got {show_value(value)}") from None
-    if hint is str:
-        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
-            return "on" if value else "off"
-        if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{where}: expected a string, got {show_value(value)}")
-        try:
-            return str(value)
-        except ValueError:  # an integer with more digits than Python prints
-            raise ConfigError(f"{where}: expected a string, got {show_value(value)}") from None
-    return value
-
-
 def from_dict(cls: type, data: dict, where: str = "") -> Any:
     """Build dataclass ``cls`` from a (nested) dict and validate it.
 
@@ -204,7 +141,8 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     if unknown:
         raise UnknownKeysError(unknown)
     hints = typing.get_type_hints(cls)
-    obj = cls(**{key: _coerce(value, hints[key], f"{where}.{key}" if where else key) for key, value in data.items()})
+    obj = cls(**{key: coerce(value, hints[key], f"{where}.{key}" if where else key, from_dict)
+                 for key, value in data.items()})
     if hasattr(obj, "validate"):
         obj.validate(where or cls.__name__)
     return obj

@@ -7,6 +7,7 @@ import dataclasses
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import field
 from typing import Any, Union
 
@@ -72,3 +73,65 @@ def check_fields(obj: Any, where: str) -> None:
         numbers = value if isinstance(value, list) else [] if value is None else [value]
         if interval and not all(_in_interval(x, interval) for x in numbers):
             raise ConfigError(f"{path}: must be in {interval}, got {show_value(value)}")
+
+
+def coerce(value: Any, hint: Any, where: str, build: Callable[[type, dict, str], Any]) -> Any:
+    """Check and convert one YAML value to its field's type (ConfigError naming ``where``); a section -> ``build``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of settings, got {type(value).__name__}")
+        return build(hint, value, where)
+    if origin in (Union, types.UnionType):  # Optional[X] / Union[X, Y] and X | Y
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where, build)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{where}: invalid value {show_value(value)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {show_value(value)}")
+        return [coerce(v, args[0], f"{where}[{i}]", build) for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {show_value(value)}")
+        return value
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true or false, got {show_value(value)}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer, got {show_value(value)}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {show_value(value)}") from None
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected a number, got {show_value(value)}")
+        try:
+            return float(value)
+        except (ValueError, OverflowError):
+            raise ConfigError(f"{where}: expected a number, got {show_value(value)}") from None
+    if hint is str:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where}: expected a string, got {show_value(value)}")
+        try:
+            return str(value)
+        except ValueError:  # an integer with more digits than Python prints
+            raise ConfigError(f"{where}: expected a string, got {show_value(value)}") from None
+    return value
