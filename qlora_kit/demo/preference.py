@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from qlora_kit.data.prepare import prepare_data
 from qlora_kit.demo.task import make_demo_dataset, user_content
 from qlora_kit.inference.evaluate import evaluate, exact_match_one, normalize_answer
 from qlora_kit.model.adapters import read_adapter
-from qlora_kit.model.lora import active_adapters, set_active_adapters
+from qlora_kit.model.lora import adapters_active
 from qlora_kit.training.objectives import sequence_logps
 
 PREFERENCE_SEED = 20  # the pairs' own seed (the SFT demo uses 0): other people, other sentences
@@ -92,17 +91,6 @@ def preference_config(model_path: str | Path, train_file: Path, eval_file: Path 
                        training=TrainingConfig(output_dir=str(out), **training))
 
 
-@contextmanager
-def active(model: nn.Module, names: list[str]):
-    """Apply exactly the adapters ``names`` inside the block (``[]``: the base), then restore the previous ones."""
-    previous = active_adapters(model)
-    set_active_adapters(model, names)
-    try:
-        yield model
-    finally:
-        set_active_adapters(model, previous)
-
-
 @torch.no_grad()
 def pair_logps(model: nn.Module, tokenizer, pairs: list[dict], batch_size: int = 8, max_seq_len: int = 256
                ) -> torch.Tensor:
@@ -134,7 +122,7 @@ def measure(model: nn.Module, tokenizer, pairs: list[dict], reference: list[str]
     margin = policy[:, 0] - policy[:, 1]  # [n]
     out = {"pairs": len(pairs), "pref_accuracy": (margin > 0).float().mean().item(), "logp_margin": margin.mean().item()}
     if reference is not None:
-        with active(model, reference):
+        with adapters_active(model, reference):
             ref = pair_logps(model, tokenizer, pairs)  # [n, 2]
         rewards = policy - ref  # [n, 2] log pi/ref
         gap = rewards[:, 0] - rewards[:, 1]
