@@ -56,7 +56,21 @@ class MetricsLog:
         ax.set_ylabel("cross-entropy (nats per supervised token)")
         ax.grid(alpha=0.3)
         ax.legend()
+        plot_exact_match(ax, self.records)
         return save_figure(fig, out)
+
+
+def plot_exact_match(ax, records: list[dict]) -> None:
+    """Held-out exact match (``eval_exact_match``, training.eval_generate_every) on its own right-hand axis of
+    ``ax``, 0 to 100%, with its own legend; nothing when the run did not measure it."""
+    points = [(r["step"], 100 * r["eval_exact_match"]) for r in records if "eval_exact_match" in r]
+    if not points:
+        return
+    right = ax.twinx()
+    right.plot(*zip(*points), "s--", color="tab:green", label="held-out exact match", lw=1.2)
+    right.set_ylim(-2, 102)
+    right.set_ylabel("held-out exact match (%)")
+    right.legend(loc="center right")
 
 
 def save_figure(fig, out: Path) -> Path:
