@@ -235,7 +235,10 @@ class TrainingConfig:
     max_grad_norm: float = ranged(1.0, "[0, inf)")  # clip the adapter gradients' global norm; 0 disables clipping
     gradient_checkpointing: str = "auto"  # "on", "off", or "auto" (on when the memory plan needs it)
     eval_every: int = ranged(0, "[0, 1_000_000_000]")  # validation loss every N steps; 0 evaluates only at the end
-    early_stopping_patience: int = ranged(0, "[0, 1_000_000_000]")  # stop after N evaluations without a better validation loss; 0 never stops early
+    early_stopping_patience: int = ranged(0, "[0, 1_000_000_000]")  # stop after N evaluations without a better best_metric; 0 never stops early
+    eval_generate_every: int = ranged(0, "[0, 1_000_000_000]")  # greedy exact match on held-out records every N steps and at the last (eval_exact_match); 0 never
+    eval_generate_samples: int = ranged(100, "[1, 1_000_000_000]")  # how many held-out records (the first N) eval_generate_every scores
+    best_metric: str = "eval_loss"  # what picks best_adapter/ and drives early stopping: "eval_loss" (lower is better) or "eval_exact_match" (higher; needs eval_generate_every)
     save_every: int = ranged(0, "[0, 1_000_000_000]")  # checkpoint every N steps; 0 checkpoints only at the end
     keep_checkpoints: int = ranged(2, "[1, 1_000_000]")  # how many recent checkpoints to keep
     on_nonfinite: str = "stop"  # a NaN/inf, diverged or dead step (health.py): "stop", "skip" the step, or "rollback" to the last good checkpoint
@@ -276,6 +279,14 @@ class TrainingConfig:
         if self.epochs == 0 and self.max_steps == 0:
             raise ConfigError(f"{where}: set epochs > 0 or max_steps > 0")
         self.report_to = check_trackers(self.report_to, f"{where}.report_to")
+        if self.best_metric not in ("eval_loss", "eval_exact_match"):
+            raise ConfigError(f"{where}.best_metric: {self.best_metric!r}; use eval_loss or eval_exact_match")
+        if self.best_metric == "eval_exact_match" and not self.eval_generate_every:
+            raise ConfigError(f"{where}.best_metric=eval_exact_match needs {where}.eval_generate_every > 0 "
+                              "(how often to measure it)")
+        if self.eval_generate_every and self.objective != "sft":
+            raise ConfigError(f"{where}.eval_generate_every: exact match scores single replies; it does not apply "
+                              f"to objective={self.objective} (set it to 0)")
 
 
 @dataclass

@@ -24,9 +24,9 @@ PROMPTS = ["The capital of France is", "Q: What is 12 times 7?\nA:"]  # verifica
 IDS = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
-def _random_adapter(base, out, scale=0.1, seed=0, **lora):
+def _random_adapter(base, out, scale=0.1, seed=0, compute_dtype="fp32", **lora):
     """A non-trivial adapter: LoRA with random B (and random lm_head/embedding copies if saved)."""
-    model, tok = load_tiny(base)
+    model, tok = load_tiny(base, compute_dtype=compute_dtype)
     add_lora(model, LoraConfig(**{"r": 4, "alpha": 8, **lora}))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -360,3 +360,29 @@ def test_verification_and_eval_loss_show_progress_with_eta(tiny_model_dir, tiny_
     merge_and_export(tiny_model_dir, tiny_adapter_dir, tmp_path / "quiet", dtype="fp32", progress=False)
     assert "verify:" not in capsys.readouterr().err
     assert progress_bar(range(3), enabled=False).disable
+
+def test_verification_quantizes_from_the_dtype_the_adapter_was_trained_with(tiny_model_dir, tmp_path):
+    """An fp32 checkpoint trained with compute bf16: the loader quantized bf16-rounded weights, and so does the
+    merge (``plan.loader_dtype``); verification's reference must too, or a correct merge fails (it did, 0.037)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.merging.plan import build_plan
+    from qlora_kit.merging.verify import reference_model
+    from qlora_kit.model.fused import dequantize
+
+    model, _ = _random_adapter(tiny_model_dir, tmp_path / "ad", compute_dtype="bf16")
+    assert read_adapter(tmp_path / "ad").meta["compute_dtype"] == "bfloat16"
+    report = merge_and_export(tiny_model_dir, tmp_path / "ad", tmp_path / "m", dtype="fp32", progress=False,
+                              prompts=PROMPTS)
+    v = report["verification"]
+    assert v["passed"] and v["max_rel_logit_diff"] <= 1e-4 and v["generations_identical"] == 1.0, v
+    # the reference's 4-bit weights are the ones training had (quantized from bf16), computed in fp32
+    ref = reference_model(build_plan(tiny_model_dir, tmp_path / "ad"))
+    trained, rebuilt = dict(model.named_modules()), dict(ref.named_modules())
+    name = "model.layers.0.self_attn.q_proj"
+    (a, sa), (b, sb) = ((m.base.weight.data, m.base.weight.quant_state) for m in (rebuilt[name], trained[name]))
+    assert torch.equal(a, b)  # the same 4-bit codes, and the same scales (dequantized in fp32 on both sides):
+    assert torch.equal(dequantize(a, sa, torch.float32), dequantize(b, sb, torch.float32))
+    assert rebuilt["model.embed_tokens"].weight.dtype == torch.float32
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    torch.testing.assert_close(_logits(merged), _logits(ref), atol=1e-4 * _logits(ref).abs().max().item(), rtol=0)

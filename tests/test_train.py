@@ -128,7 +128,9 @@ def _interrupt_at(monkeypatch, step):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
 def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, tiny_model_dir, monkeypatch, optimizer):
-    steps = dict(max_steps=6, save_every=2, optimizer=optimizer)
+    # with the generation metric in the loop (greedy exact match at steps 2, 4, 6) choosing best_adapter/
+    steps = dict(max_steps=6, save_every=2, optimizer=optimizer, eval_every=2, eval_generate_every=2,
+                 best_metric="eval_exact_match")
     straight = train(_config(tmp_path / "a", tiny_model_dir, **steps), progress=False)
 
     with monkeypatch.context() as m:
@@ -142,6 +144,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path, tiny_model_dir, 
     a = (straight.adapter_dir / "adapter_model.safetensors").read_bytes()
     b = (resumed.adapter_dir / "adapter_model.safetensors").read_bytes()
     assert a == b
+    for name in ("a", "b"):
+        assert (tmp_path / name / "run" / "best_adapter" / "adapter_model.safetensors").read_bytes() == \
+            (tmp_path / "a" / "run" / "best_adapter" / "adapter_model.safetensors").read_bytes()
+    evals = [[r for r in map(json.loads, (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines())
+              if "eval_exact_match" in r] for name in ("a", "b")]
+    assert evals[0] == evals[1] and [r["step"] for r in evals[0]] == [2, 4, 6] and "eval_loss" in evals[0][0]
+    assert (straight.best_step, straight.best_exact_match, straight.best_eval_loss, straight.eval_exact_match) == \
+        (resumed.best_step, resumed.best_exact_match, resumed.best_eval_loss, resumed.eval_exact_match)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):

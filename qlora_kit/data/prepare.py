@@ -95,6 +95,19 @@ def _held_out(n_records: int, fraction: float, seed: int) -> set[int]:
     return set(order[:n_eval])
 
 
+def held_out_records(cfg: DataConfig, seed: int = 0) -> list[dict]:
+    """The validation records as read, before tokenization: ``data.eval_file``'s, else the records of
+    ``data.train_file`` that ``data.eval_fraction`` holds out (the split ``prepare_data`` makes with ``seed``),
+    in file order; empty without either. Raises DataError as reading the file does."""
+    if cfg.eval_file:
+        return [record for _, record in read_source(cfg.eval_file, None, "eval_file")[0]]
+    if cfg.eval_fraction <= 0:
+        return []
+    rows = read_source(cfg.train_file, None, "train_file")[0]
+    held = _held_out(len(rows), cfg.eval_fraction, seed)
+    return [record for i, (_, record) in enumerate(rows) if i in held]
+
+
 def _fill_stats(stats: DataStats, train: list[Example]) -> None:
     lengths = np.asarray(sorted(len(e.input_ids) for e in train))
     stats.examples, stats.tokens = len(train), int(lengths.sum())

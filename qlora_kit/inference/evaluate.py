@@ -9,6 +9,7 @@ response token (training's validation loss) and tokens/s; ``baseline=True`` scor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -24,8 +25,11 @@ from qlora_kit.data.sources import load_records
 from qlora_kit.inference.generate import generate_tokens
 from qlora_kit.inference.prompts import Prompt, record_prompt
 from qlora_kit.model.lora import adapters_disabled
-from qlora_kit.training.recipe import evaluate_loss
+from qlora_kit.training.evaluate import evaluate_loss
 
+# max_new_tokens=None: the longest reply in tokens plus this room (a trailing period or newline, the end token,
+# another tokenization of the same text); an output longer than that cannot match its reference anyway
+REPLY_SLACK = 8
 _TRAILING = re.compile(r"[.\s]+\Z")
 _FENCE = re.compile(r"\A```[a-zA-Z]*\n(.*)\n```\Z", re.S)
 
@@ -138,14 +142,16 @@ def read_eval_records(data: str | Path | list[dict], limit: int | None = None) -
     return records[:limit] if limit else records
 
 
-def _cases(
-    tokenizer, records: list[dict], fmt: str, system: str | None
+def eval_cases(
+    tokenizer, records: list[dict], fmt: str = "auto", system: str | None = None,
+    data_config: DataConfig | None = None,
 ) -> tuple[list[Prompt], list[EvalExample]]:
-    """The rendered prompt and the reference of every record; DataError for a record without a reply."""
+    """The rendered prompt (``inference.prompts.record_prompt``, with ``data_config``'s prompt contract when given) and
+    the reference of every record; DataError naming the record for one without a reply."""
     fmt = detect_format(records[0], "record 1") if fmt == "auto" else fmt
     prompts, examples = [], []
     for i, record in enumerate(records, 1):
-        prompt, reference = record_prompt(tokenizer, record, fmt, system, where=f"record {i}")
+        prompt, reference = record_prompt(tokenizer, record, fmt, system, where=f"record {i}", data_config=data_config)
         if reference is None:
             raise DataError(
                 f"record {i}: no reply to compare the prediction with (a chat record must end with "
@@ -157,12 +163,19 @@ def _cases(
 
 
 def _loss(
-    model, tokenizer, records: list[dict], fmt: str, system: str | None, max_seq_len: int, batch_size: int,
-    progress: bool = False,
+    model, tokenizer, records: list[dict], fmt: str, settings: dict, batch_size: int, progress: bool = False
 ) -> float:
-    cfg = DataConfig(format=fmt, max_seq_len=max_seq_len, system_prompt=system or "")
+    data_config, max_seq_len = settings["data_config"], settings["max_seq_len"]
+    cfg = DataConfig(system_prompt=settings["system"] or "") if data_config is None else data_config
+    cfg = dataclasses.replace(cfg, format=fmt, max_seq_len=max_seq_len, train_file="", eval_file="",
+                              eval_fraction=0.0, cache_dir="")  # these records only, never cached
     examples, _, _ = prepare_data(cfg, tokenizer, records=records)
     return evaluate_loss(model, examples, batch_size, tokenizer.pad_token_id, max_seq_len, progress=progress)
+
+
+def reply_tokens(tokenizer, examples: list[EvalExample]) -> int:
+    """Tokens of the longest reference (without special tokens)."""
+    return max(len(tokenizer(ex.reference, add_special_tokens=False)["input_ids"]) for ex in examples)
 
 
 def _score(model, tokenizer, records: list[dict], metric: str, settings: dict) -> EvalResult:
@@ -170,12 +183,12 @@ def _score(model, tokenizer, records: list[dict], metric: str, settings: dict) -
     fmt, system = settings["fmt"], settings["system"]
     result = EvalResult(metric=metric, score=None, loss=None)
     if metric != "loss":
-        prompts, result.examples = _cases(tokenizer, records, fmt, system)
+        prompts, result.examples = eval_cases(tokenizer, records, fmt, system, settings["data_config"])
         gen = generate_tokens(
             model,
             tokenizer,
             prompts,
-            settings["max_new_tokens"],
+            settings["max_new_tokens"] or reply_tokens(tokenizer, result.examples) + REPLY_SLACK,
             settings["batch_size"],
             progress=settings["progress"],
         )
@@ -188,13 +201,7 @@ def _score(model, tokenizer, records: list[dict], metric: str, settings: dict) -
         result.batch_size = gen.batch_size
     if settings["loss"]:
         result.loss = _loss(
-            model,
-            tokenizer,
-            records,
-            fmt,
-            system,
-            settings["max_seq_len"],
-            result.batch_size or settings["batch_size"] or 8,
+            model, tokenizer, records, fmt, settings, result.batch_size or settings["batch_size"] or 8,
             settings["progress"],
         )
     return result
@@ -205,7 +212,7 @@ def evaluate(
     tokenizer,
     data: str | Path | list[dict],
     metric: str = "exact_match",
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = 64,
     batch_size: int | None = None,
     fmt: str = "auto",
     system: str | None = None,
@@ -214,6 +221,7 @@ def evaluate(
     baseline: bool = False,
     limit: int | None = None,
     progress: bool = False,
+    data_config: DataConfig | None = None,
 ) -> EvalResult:
     """Score ``model`` (its active adapters applied) on held-out records.
 
@@ -221,11 +229,14 @@ def evaluate(
         data: a records file (.jsonl/.json/.csv/.parquet, any training format) or a list of record dicts.
         metric: ``exact_match``, ``json_match``, ``contains`` (greedy generation scored against each reply),
             or ``loss`` (no generation).
-        max_new_tokens / batch_size: generation length; prompts per batch (None: chosen from memory).
+        max_new_tokens / batch_size: generation length (None: the longest reply in tokens + ``REPLY_SLACK``);
+            prompts per batch (None: chosen from memory).
         fmt / system: the records' format (``auto`` detects it) and training's system prompt, if any.
         loss: also compute the mean loss per response token (over at most ``max_seq_len`` tokens each).
         baseline: also score the base model (adapters disabled on this same model) into ``.baseline``.
         limit: only the first ``limit`` records. progress: progress bars with ETA.
+        data_config: a training run's data settings: its prompt contract renders the records (training's
+            generation metrics pass theirs); default: the tokenizer's contract as it is, with ``system``.
     Returns:
         An EvalResult with the score, loss, speed and one EvalExample per record.
     Raises:
@@ -237,6 +248,7 @@ def evaluate(
     settings = {
         "fmt": fmt,
         "system": system,
+        "data_config": data_config,
         "max_new_tokens": max_new_tokens,
         "batch_size": batch_size,
         "progress": progress,

@@ -1,10 +1,9 @@
 """The one place that turns a prompt, a conversation or a training record into the model's input text.
 
 Every consumer (``generate()``, ``qlora-kit generate``, ``evaluate()``/``qlora-kit eval``, rank-sweep, the
-demo) renders through ``render_prompt`` or ``record_prompt``, so the prompt contract saved with an adapter
-(issue 16) plugs in here. Until then the layout is training's: the tokenizer's chat template when it has
-one; otherwise training's plain layout for records (``data.formats.render`` + ``data.tokenize.to_text``) and the bare text for free
-prompts.
+demo, the generation metrics during training) renders through ``render_prompt`` or ``record_prompt``, and so
+through the prompt contract (``data.contract``): the chat template training decided on (the tokenizer's own,
+or a named template for a tokenizer without one), loaded from the adapter folder when there is one.
 """
 
 from __future__ import annotations
@@ -68,11 +67,14 @@ def _with_empty_reply(record: dict, fmt: str) -> dict:
 
 
 def record_prompt(
-    tokenizer, record: dict, fmt: str = "auto", system: str | None = None, where: str = "record"
+    tokenizer, record: dict, fmt: str = "auto", system: str | None = None, where: str = "record",
+    data_config: DataConfig | None = None,
 ) -> tuple[Prompt, str | None]:
     """``(prompt, reference)`` for a record in any training format: the exact text training puts before the
     last reply (so the model is prompted as it was trained), and that reply (None when the record has none).
 
+    ``data_config``: the training run's data settings, whose prompt contract (``data.chat_template``,
+    ``data.system_prompt``) the tokenizer keeps; default: the tokenizer's contract as it is, with ``system``.
     Raises DataError naming ``where`` for a malformed record, or a ``text`` record (it has no prompt).
     """
     fmt = detect_format(record, where) if fmt == "auto" else fmt
@@ -82,7 +84,7 @@ def record_prompt(
             "--metric loss, or use alpaca, chat or prompt_completion records"
         )
     reference = record_reference(record, fmt)
-    cfg = DataConfig(system_prompt=system or "")
+    cfg = data_config if data_config is not None else DataConfig(system_prompt=system or "")
     prompt_contract(tokenizer, cfg)  # as training decided it: a template-less tokenizer gets its named template
     rendered = to_text(render(_with_empty_reply(record, fmt), fmt, tokenizer, cfg, where), tokenizer, where)
     text, spans, templated = rendered.text, rendered.spans, rendered.templated

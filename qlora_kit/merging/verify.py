@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from qlora_kit.dtypes import dtype_name
-from qlora_kit.merging.plan import MergePlan, build_plan
+from qlora_kit.merging.plan import MergeError, MergePlan, build_plan
 from qlora_kit.merging.write import write_model
 from qlora_kit.progress import progress_bar
 
@@ -56,18 +56,43 @@ def run_prompts(model, prompt_ids: list[torch.Tensor], pad_id: int, max_new_toke
 
 
 def reference_model(plan: MergePlan):
-    """The 4-bit base + adapter exactly as training ran it, with fp32 compute."""
+    """The 4-bit base + adapter exactly as training ran it, with fp32 compute.
+
+    Its 4-bit weights are quantized from ``plan.loader_dtype``, the dtype training's loader cast the checkpoint
+    to (the adapter's recorded compute dtype), as the merge does; the other weights are the checkpoint's.
+    """
     from qlora_kit.model.adapters import load_adapter
     from qlora_kit.model.load import load_model
     from qlora_kit.model.lora import set_rank
 
     model, _ = load_model(plan.base, quant=plan.quant, compute_dtype="fp32", device="cpu")
+    if plan.loader_dtype != torch.float32:
+        quantize_from_loader_dtype(model, plan)
     vocab = plan.config.get("vocab_size")
     if vocab and vocab != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(vocab)  # tokens added in training; the adapter's copies fill the rows
     load_adapter(model, plan.adapter_dir)
     set_rank(model, plan.rank)
     return model
+
+
+def quantize_from_loader_dtype(model, plan: MergePlan) -> None:
+    """Re-quantize each 4-bit layer of ``model`` (loaded in fp32) from its checkpoint weight cast to
+    ``plan.loader_dtype``: the codes and scales training had. Raises MergeError for a layer not in the checkpoint."""
+    from qlora_kit.merging.write import CheckpointReader
+    from qlora_kit.model.quant import is_4bit, requantize_layer
+
+    sources = {it.source.key: it.source for it in plan.items if it.source is not None}
+    layers = [(name, m) for name, m in model.named_modules() if is_4bit(m)]
+    read = CheckpointReader()
+    try:
+        for name, layer in layers:
+            src = sources.get(f"{name}.weight")
+            if src is None:
+                raise MergeError(f"{plan.base}: no checkpoint tensor {name}.weight for the 4-bit layer {name}")
+            requantize_layer(layer, read(src).to(plan.loader_dtype), plan.quant)  # [out, in]
+    finally:
+        read.close()
 
 
 def plain_model(folder: Path):

@@ -67,3 +67,25 @@ def quantize_roundtrip(weight: torch.Tensor, quant: QuantConfig) -> torch.Tensor
     packed, state = bnbF.quantize_4bit(weight.float().contiguous(), blocksize=quant.blocksize,
                                        compress_statistics=quant.double_quant, quant_type=quant.quant_type)
     return bnbF.dequantize_4bit(packed, state).float()
+
+
+def requantize_layer(layer: nn.Module, weight: torch.Tensor, quant: QuantConfig) -> None:
+    """Give a 4-bit layer the codes and scales of ``weight`` (``[out, in]``, any float dtype), quantized as the
+    loader would have quantized a checkpoint in ``weight.dtype``; the layer keeps dequantizing to fp32.
+
+    The merge's verification uses it to rebuild the 4-bit weights of a run whose loader quantized from another
+    dtype than the reference loads in (an fp32 checkpoint trained with bf16 compute). Quantizing from fp32 gives
+    the same codes and scales as from the 16-bit input (see ``quantize_roundtrip``) and a fp32 quant state.
+    """
+    import bitsandbytes.functional as bnbF
+
+    if not is_4bit(layer):
+        raise TypeError(f"requantize_layer needs a bitsandbytes 4-bit layer, got {type(layer).__name__}")
+    if tuple(weight.shape) != tuple(layer.weight.quant_state.shape):
+        raise ValueError(f"weight {tuple(weight.shape)} does not fit the layer {tuple(layer.weight.quant_state.shape)}")
+    packed, state = bnbF.quantize_4bit(weight.float().contiguous(), blocksize=quant.blocksize,
+                                       compress_statistics=quant.double_quant, quant_type=quant.quant_type)
+    layer.weight.data = packed  # [(out·in+1)//2, 1] uint8
+    layer.weight.quant_state = state
+    if getattr(layer, "quant_state", None) is not None:
+        layer.quant_state = state

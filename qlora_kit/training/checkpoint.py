@@ -190,7 +190,8 @@ def load_optimizer_state(folder: Path) -> dict:
     return _optimizer_parts(Path(folder))[0]
 
 
-_STATE_TYPES = {"best_eval_loss": (int, float, type(None)), "best_step": (int, type(None)), "bad_evals": (int,)}
+_STATE_TYPES = {"best_eval_loss": (int, float, type(None)), "best_step": (int, type(None)), "bad_evals": (int,),
+                "best_exact_match": (int, float, type(None))}
 
 
 def load_trainer_state(folder: Path) -> dict:

@@ -89,6 +89,7 @@ class MetricsLog:
         ax.set_ylabel(LOSS_LABELS[tc.dpo_loss if tc.objective == "dpo" else tc.objective])
         ax.grid(alpha=0.3)
         ax.legend()
+        plot_exact_match(ax, self.records)
 
     def _plot_pairs(self, ax, run_name: str, tc: TrainingConfig) -> None:
         """Rewards and margin on the left axis (train lines, validation dots), preference accuracy on the right."""
@@ -111,6 +112,19 @@ class MetricsLog:
         acc.set_ylabel("preference accuracy (% of pairs, chosen reward > rejected)")
         handles = [h for a in (ax, acc) for h in a.get_legend_handles_labels()[0]]
         ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left", ncol=2)
+
+
+def plot_exact_match(ax, records: list[dict]) -> None:
+    """Held-out exact match (``eval_exact_match``, training.eval_generate_every) on its own right-hand axis of
+    ``ax``, 0 to 100%, with its own legend; nothing when the run did not measure it."""
+    points = [(r["step"], 100 * r["eval_exact_match"]) for r in records if "eval_exact_match" in r]
+    if not points:
+        return
+    right = ax.twinx()
+    right.plot(*zip(*points), "s--", color="tab:green", label="held-out exact match", lw=1.2)
+    right.set_ylim(-2, 102)
+    right.set_ylabel("held-out exact match (%)")
+    right.legend(loc="center right")
 
 
 def save_figure(fig, out: Path) -> Path:

@@ -93,7 +93,8 @@ def finish(run: Run) -> TrainResult:
         adapter_dir = out / "adapter"
     result = TrainResult(out, adapter_dir, p.status, p.done, p.tokens, p.supervised_tokens, p.seconds,
                          _peak_memory_mb(), p.last_loss, p.eval_loss, p.best_eval_loss, p.best_step,
-                         p.stopped_because, p.eval_pairs)
+                         p.stopped_because, eval_pairs=p.eval_pairs, eval_exact_match=p.eval_exact_match,
+                         best_exact_match=p.best_exact_match, best_metric=run.config.training.best_metric)
     if run.main:
         run.metrics.plot(out / "loss.png", run.config.training)
         write_summary(out, result)

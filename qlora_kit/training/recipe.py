@@ -18,6 +18,7 @@ from qlora_kit.model.lora import inference_rank, set_rank
 from qlora_kit.training.checkpoint import load_trainer_state
 from qlora_kit.training.distributed import make_accelerator, quiet_other_ranks
 from qlora_kit.training.evaluate import evaluate_loss
+from qlora_kit.training.generation_metrics import held_out_exact_match, update_best
 from qlora_kit.training.health import Problem
 from qlora_kit.training.objectives import evaluate_preference
 from qlora_kit.training.outputs import checkpoint, finish, save_best_adapter, start_records
@@ -119,7 +120,10 @@ def accept(run: Run, step: int, outcome: StepOutcome) -> None:
     if p.done % tc.log_every == 0 or p.done == run.schedule.total_steps:
         run.metrics.write(record)
     run.bar.update(1)
-    run.bar.set_postfix(loss=f"{outcome.loss:.4f}", **pair_postfix(outcome.pairs), lr=f"{outcome.lr:.2e}",
+    shown = pair_postfix(outcome.pairs)
+    if p.eval_exact_match is not None:  # the latest held-out exact match (training.eval_generate_every)
+        shown["em"] = f"{p.eval_exact_match:.2f}"
+    run.bar.set_postfix(loss=f"{outcome.loss:.4f}", **shown, lr=f"{outcome.lr:.2e}",
                         tok_s=f"{p.tokens / p.seconds:.0f}")
 
 
@@ -133,27 +137,36 @@ def pair_postfix(pairs: dict | None) -> dict[str, str]:
 
 
 def maybe_evaluate(run: Run) -> None:
-    """Validation loss every ``eval_every`` steps and at the last; keeps ``best_adapter/``, counts early stopping."""
+    """Validation loss every ``eval_every`` steps, held-out exact match every ``eval_generate_every``, both at
+    the last step; keeps ``best_adapter/`` by ``training.best_metric`` and counts early stopping."""
     p, tc = run.progress, run.config.training
-    due = (tc.eval_every and p.done % tc.eval_every == 0) or p.done == run.schedule.total_steps
-    if not run.eval_set or not due:
+    last = p.done == run.schedule.total_steps
+    loss_due = bool(run.eval_set) and (last or bool(tc.eval_every and p.done % tc.eval_every == 0))
+    match_due = bool(run.eval_records) and (last or p.done % tc.eval_generate_every == 0)
+    if not (loss_due or match_due):
         return
     set_rank(run.core, inference_rank(run.config.lora))  # lora.active_rank, r by default
-    with eager():  # compiled layers would recompile for no-grad evaluation
-        p.eval_loss, extra = validation_loss(run)
-    p.eval_pairs = extra or None
+    record, measured, extra = {"step": p.done}, {}, {}
+    with eager():  # compiled layers would recompile for no-grad evaluation and generation
+        if loss_due:
+            p.eval_loss, extra = validation_loss(run)
+            p.eval_pairs = extra or None
+            measured["eval_loss"] = p.eval_loss
+            record.update({"eval_loss": round(p.eval_loss, 6), **extra})
+        if match_due:
+            p.eval_exact_match = measured["eval_exact_match"] = held_out_exact_match(run)
+            record["eval_exact_match"] = round(p.eval_exact_match, 6)
     run.core.train()
-    improved = p.best_eval_loss is None or p.eval_loss < p.best_eval_loss
+    improved = update_best(run, measured)
     if improved:
-        p.best_eval_loss, p.best_step, p.bad_evals = p.eval_loss, p.done, 0
         save_best_adapter(run)
-    else:
-        p.bad_evals += 1
-    run.metrics.write({"step": p.done, "eval_loss": round(p.eval_loss, 6), **extra})
+    run.metrics.write(record)
     if run.main:
         pairs = (f", reward margin {extra['eval_reward_margin']:.3f}, preference accuracy "
                  f"{extra['eval_pref_accuracy']:.0%}") if extra else ""
-        run.bar.write(f"step {p.done}: validation loss {p.eval_loss:.4f}{pairs}" + (" (best)" if improved else ""))
+        shown = ([f"validation loss {p.eval_loss:.4f}{pairs}"] if loss_due else []) + \
+            ([f"exact match {p.eval_exact_match:.1%} on {len(run.eval_records)} held-out"] if match_due else [])
+        run.bar.write(f"step {p.done}: {', '.join(shown)}" + (" (best)" if improved else ""))
     if tc.early_stopping_patience and p.bad_evals >= tc.early_stopping_patience:
         p.status = "early_stopped"
 

@@ -40,9 +40,12 @@ class TrainResult:
     final_train_loss: float | None  # mean loss of the last logged step
     eval_loss: float | None  # validation loss at the end
     best_eval_loss: float | None  # best validation loss seen
-    best_step: int | None  # the step of the best validation loss
+    best_step: int | None  # the step of the best training.best_metric value: the adapter in best_adapter/
     stopped_because: str | None = None  # status "diverged": the one-line reason
     eval_pairs: dict | None = None  # dpo/orpo: the last evaluation's eval_reward_chosen, eval_reward_rejected, eval_reward_margin, eval_pref_accuracy
+    eval_exact_match: float | None = None  # held-out greedy exact match at the end (training.eval_generate_every)
+    best_exact_match: float | None = None  # best held-out exact match seen
+    best_metric: str = "eval_loss"  # training.best_metric: what best_step and best_adapter/ are the best by
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,8 +71,10 @@ class Progress:
     supervised_tokens: int = 0  # tokens that carried a label, all ranks, all sessions
     seconds: float = 0.0  # wall time of the accepted training steps, all sessions
     best_eval_loss: float | None = None  # best validation loss so far
-    best_step: int | None = None  # the step of best_eval_loss
-    bad_evals: int = 0  # evaluations since the best one (early stopping)
+    best_step: int | None = None  # the step of the best training.best_metric value so far
+    bad_evals: int = 0  # evaluations of training.best_metric since its best one (early stopping)
+    best_exact_match: float | None = None  # best held-out exact match so far (training.eval_generate_every)
+    eval_exact_match: float | None = None  # the latest held-out exact match
     saved_at: int = -1  # the step of the newest checkpoint written or resumed from in this session
     status: str = "completed"  # becomes "early_stopped", "interrupted" or "diverged"
     last_loss: float | None = None  # loss of the last accepted step
@@ -106,6 +111,7 @@ class Run:
     compiled: bool | None = None  # decoder layers under torch.compile (None: not decided yet; a resume keeps the saved choice)
     reference: Any = None  # dpo with cached reference log-probs: reference_cache.ReferenceLogps; None: live
     start_adapter: str = ""  # sha256 of model.adapter's files ("" without one): a resume must start from the same
+    eval_records: list[dict] = field(default_factory=list)  # held-out records for exact match (eval_generate_every)
 
     @property
     def main(self) -> bool:
@@ -116,6 +122,7 @@ class Run:
         """The JSON state a checkpoint saves beside the adapter and the optimizer (``trainer_state.json``)."""
         p = self.progress
         return {"best_eval_loss": p.best_eval_loss, "best_step": p.best_step, "bad_evals": p.bad_evals,
+                "best_exact_match": p.best_exact_match,
                 "world_size": self.schedule.world, "micro_batches_per_step": self.schedule.micro_per_step,
                 "sharded": self.fsdp, "tokens": p.tokens, "supervised_tokens": p.supervised_tokens,
                 "seconds": p.seconds, "health": self.monitor.state(), "recovery": self.recovery.state(),

@@ -162,12 +162,17 @@ def write_summary(out: Path, result) -> None:
               f"({result.tokens_per_s:.0f} tokens/s), peak memory {result.peak_memory_mb:.0f} MB")]
     if result.best_eval_loss is not None:
         last = f"validation loss {result.eval_loss:.4f} " if result.eval_loss is not None else ""
-        lines.append(f"{last}(best {result.best_eval_loss:.4f} at step {result.best_step})")
+        lines.append(f"{last}(best {result.best_eval_loss:.4f})")
     if result.eval_pairs:
         e = result.eval_pairs
         lines.append(f"validation pairs: reward chosen {e['eval_reward_chosen']:.3f}, rejected "
                      f"{e['eval_reward_rejected']:.3f}, margin {e['eval_reward_margin']:.3f}, preference accuracy "
                      f"{e['eval_pref_accuracy']:.0%}")
+    if result.best_exact_match is not None:
+        last = f"held-out exact match {result.eval_exact_match:.1%} " if result.eval_exact_match is not None else ""
+        lines.append(f"{last}(best {result.best_exact_match:.1%})")
+    if result.best_step is not None:
+        lines.append(f"best_adapter/: step {result.best_step}, the best by {result.best_metric}")
     if result.adapter_dir:
         lines.append(f"adapter: {result.adapter_dir}   plot: {out / 'loss.png'}   metrics: {out / 'metrics.jsonl'}")
     log.info("\n".join(lines))

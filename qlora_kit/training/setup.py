@@ -100,6 +100,9 @@ def setup(config: TrainConfig, checked: ValidationReport, folder: RunFolder, acc
     checkpointing = choose_gradient_checkpointing(config, checked.model_path, min(longest, config.data.max_seq_len),
                                                   device)
     fsdp = schedule.world > 1 and tc.distributed == "fsdp"
+    if fsdp and checked.eval_records:
+        raise ConfigError("training.eval_generate_every: generation through the FSDP-sharded model is not "
+                          "supported yet; set it to 0 (score the adapter with qlora-kit eval after) or use ddp")
     if fsdp:
         configure_quant_for_fsdp(config, hardware.choose_compute_dtype(config.model.compute_dtype, device))
     if model is None:
@@ -122,7 +125,7 @@ def setup(config: TrainConfig, checked: ValidationReport, folder: RunFolder, acc
     return Run(config, folder.path, accelerator, schedule, checked.tokenizer, checked.train_set, checked.eval_set,
                checked.stats, checkpointing, fsdp, model, step_fn, optimizer, params, adapter_view(model, step_fn),
                monitor, Recovery(tc.on_nonfinite, folder.path / "checkpoints", monitor.limits),
-               start_adapter=start_digest(config))
+               start_adapter=start_digest(config), eval_records=checked.eval_records)
 
 
 def restore(run: Run, ckpt: Path) -> None:
@@ -157,7 +160,7 @@ def resume_run(run: Run, ckpt: Path) -> None:
     if run.accelerator.device.type == "cpu" and saved.get("cpu_threads"):
         torch.set_num_threads(saved["cpu_threads"])  # the same reductions as before the interruption
     p = run.progress
-    for key in ("best_eval_loss", "best_step", "bad_evals"):
+    for key in ("best_eval_loss", "best_step", "bad_evals", "best_exact_match"):
         if key in saved:
             setattr(p, key, saved[key])
     p.done = p.saved_at = saved["step"]

@@ -21,6 +21,7 @@ from qlora_kit.data.preference import PreferenceExample
 from qlora_kit.data.prepare import DataStats, prepare_data
 from qlora_kit.data.tokenize import Example
 from qlora_kit.planning.fit import check_fits
+from qlora_kit.training.generation_metrics import generation_records
 from qlora_kit.training.start_adapter import start_config
 
 log = logging.getLogger("qlora_kit")
@@ -38,6 +39,7 @@ class ValidationReport:
     tokenizer: Any = field(repr=False, default=None)
     train_set: list[Example] = field(repr=False, default_factory=list)
     eval_set: list[Example] = field(repr=False, default_factory=list)
+    eval_records: list[dict] = field(repr=False, default_factory=list)  # scored by training.eval_generate_every
 
     @property
     def truncated_fraction(self) -> float:
@@ -67,7 +69,8 @@ class ValidationReport:
             f"supervised: {100 * self.supervised_fraction:.1f}% of training tokens "
             f"({s.supervised_tokens:,} of {s.tokens:,})",
             prompt_contract(self.tokenizer, data).describe(),
-        ])
+        ] + ([f"generation metric: exact match on {len(self.eval_records)} held-out records every "
+              f"{self.config.training.eval_generate_every} steps and at the end"] if self.eval_records else []))
 
 
 def token_cache_dir(config: TrainConfig) -> Path:
@@ -134,7 +137,8 @@ def validate_run(config: TrainConfig, tokenizer=None, force: bool = False) -> Va
     1. the config's values (``TrainConfig.validate``), 2. the model folder is a causal-LM checkpoint with
     safetensors weights (``model.check_model_path``), 3. the LoRA targets match layers of that architecture,
     4. every data record parses, has its format's fields with the right types, and leaves at least one
-    example with a supervised token after truncation (``data.prepare_data``, tokenizer only), 5. the memory
+    example with a supervised token after truncation (``data.prepare_data``, tokenizer only), and with
+    ``training.eval_generate_every`` every scored held-out record renders a prompt and a reply, 5. the memory
     plan fits: a run needing more than 1.5x the available memory is refused (``fit_check.check_fits``).
 
     Args:
@@ -160,7 +164,8 @@ def validate_run(config: TrainConfig, tokenizer=None, force: bool = False) -> Va
     train_set, eval_set, stats = prepare_data(config.data, tokenizer, cache_dir=token_cache_dir(config),
                                               seed=config.training.seed)
     check_objective(config, train_set)
+    eval_records = generation_records(config, tokenizer)  # rendered once: a record without a reply fails here
     longest = config.data.max_seq_len if config.data.packing else min(stats.len_max, config.data.max_seq_len)
     check_fits(config, model_path, longest, targets, force)
     return ValidationReport(config, model_path, str(hf_config.get("model_type")), targets, stats, tokenizer,
-                            train_set, eval_set)
+                            train_set, eval_set, eval_records)
