@@ -66,11 +66,24 @@ def _evaluate(model, examples: list | None) -> dict:
     return {"eval_loss": eval_loss(model, examples), "exact_match": _hf_exact_match(model, examples)}
 
 
-def _transformers_gguf(path: Path):
-    from transformers import AutoModelForCausalLM
+# Config fields transformers' GGUF loader does not read (it takes its config class's defaults); llama.cpp reads the
+# soft-capping keys and fixes the query scale by architecture (gguf_map.gemma_checks).
+LOADER_UNREAD = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                device_map={"": "cpu"})
+
+def _transformers_gguf(path: Path, source_config: dict):
+    """The file loaded by transformers' GGUF loader (dequantized, fp32), and the config fields it does not read
+    that were taken from the source config (those whose default differs)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    overlaid = [k for k in LOADER_UNREAD if hasattr(config, k) and k in source_config
+                and getattr(config, k) != source_config[k]]
+    for k in overlaid:
+        setattr(config, k, source_config[k])
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config,
+                                                 dtype=torch.float32, device_map={"": "cpu"})
+    return model, overlaid
 
 
 def _tokenizer_agreement(path: Path, tok, prompts: list[str]) -> float:
@@ -152,9 +165,9 @@ def verify_gguf(path: Path, src, tok, info, quant: str, prompts: list[str] | Non
                  **_evaluate(model, examples)}
     free_model(model)
 
-    model = _transformers_gguf(path)
+    model, overlaid = _transformers_gguf(path, src.config)
     loaded = run_prompts(model, ids, pad, max_new_tokens, "gguf")
-    hf = {**compare_runs(ref, loaded), **_evaluate(model, examples)}
+    hf = {**compare_runs(ref, loaded), **_evaluate(model, examples), "config_from_source": overlaid}
     free_model(model)
     if base is not None:
         hf["logit_effect_retained"] = effect_retained(base, ref, loaded)
