@@ -157,4 +157,9 @@ def test_gemma_configs_llama_cpp_cannot_run_fail_before_any_write(tmp_path):
         (base / "config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(GgufError, match=message):
             export_gguf(tmp_path / "out" / "a.gguf", model=base, progress=False)
+    g2 = make_tiny_gemma(tmp_path / "g2", version=2)
+    cfg2 = json.loads((g2 / "config.json").read_text())
+    (g2 / "config.json").write_text(json.dumps({**cfg2, "final_logit_softcapping": None}))
+    with pytest.raises(GgufError, match="always applies both"):
+        export_gguf(tmp_path / "out" / "a.gguf", model=g2, progress=False)
     assert not (tmp_path / "out").exists()

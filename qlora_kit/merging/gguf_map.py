@@ -60,7 +60,8 @@ def gguf_arch(config: dict, where: str) -> GgufArch:
         raise GgufError(f"{where}: model_type {model_type!r} cannot be exported to GGUF yet "
                         f"(supported: {', '.join(sorted(ARCHITECTURES))}); export safetensors with `qlora-kit merge` "
                         "and convert with llama.cpp's convert_hf_to_gguf.py")
-    rope_type = (rope_settings(config)[1].get("rope_type") or rope_settings(config)[1].get("type") or "default")
+    scaling = rope_settings(config)[1]
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type not in ("default", "linear"):
         raise GgufError(f"{where}: rope scaling {rope_type!r} is not supported by this exporter yet (only none or "
                         "linear); convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
@@ -97,7 +98,7 @@ def _gemma_layer_types(config: dict, arch: GgufArch) -> tuple[list, list]:
 def gemma_checks(config: dict, arch: GgufArch, where: str) -> None:
     """Refuse a Gemma config that llama.cpp would run differently: it fixes the sliding-window layer pattern, the
     sliding layers' rope theta (10000), the query scale (1/sqrt(head_dim), or 1/sqrt(hidden/heads) for the 27B
-    layer count), the tanh GELU, and Gemma 3 has no logit soft-capping there."""
+    layer count), the tanh GELU; Gemma 2 always soft-caps, Gemma 3 never does there."""
     act = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
     problems = [] if act in ("gelu_pytorch_tanh", "gelu_tanh") else [f"hidden activation {act!r} (llama.cpp: tanh GELU)"]
     given, runtime = _gemma_layer_types(config, arch)
@@ -111,8 +112,11 @@ def gemma_checks(config: dict, arch: GgufArch, where: str) -> None:
     local = rope_settings(config)[2]
     if arch.name == "gemma3" and local not in (None, 10000.0):
         problems.append(f"sliding layers' rope theta {local:g} (llama.cpp: 10000)")
-    if arch.name == "gemma3" and (config.get("attn_logit_softcapping") or config.get("final_logit_softcapping")):
+    caps = [config.get("attn_logit_softcapping"), config.get("final_logit_softcapping")]
+    if arch.name == "gemma3" and any(caps):
         problems.append("logit soft-capping (llama.cpp's gemma3 graph has none)")
+    if arch.name == "gemma2" and not all(caps):
+        problems.append("no attention/final logit soft-capping (llama.cpp's gemma2 graph always applies both)")
     if problems:
         raise GgufError(f"{where}: llama.cpp's {arch.name} runtime would not reproduce this model: "
                         f"{'; '.join(problems)}. Export safetensors with `qlora-kit merge` instead")
@@ -143,8 +147,8 @@ def _add_gemma_metadata(writer, config: dict, arch: GgufArch) -> None:
     if config.get("sliding_window"):
         writer.add_sliding_window(int(config["sliding_window"]))
     if arch.name == "gemma2":
-        writer.add_attn_logit_softcapping(float(config.get("attn_logit_softcapping") or 0.0))
-        writer.add_final_logit_softcapping(float(config.get("final_logit_softcapping") or 0.0))
+        writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))  # both set (gemma_checks)
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
 
 
 def add_arch_metadata(writer, config: dict, n_vocab: int, arch: GgufArch) -> None:
