@@ -163,3 +163,28 @@ def test_gemma_configs_llama_cpp_cannot_run_fail_before_any_write(tmp_path):
     with pytest.raises(GgufError, match="always applies both"):
         export_gguf(tmp_path / "out" / "a.gguf", model=g2, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_unigram_tokenizer_written_with_its_own_scores(tmp_path):
+    """A Unigram tokenizer (SentencePiece unigram, as T5-style vocabularies are) is written as GGUF's llama model
+    with its log-probability scores as they are (llama.cpp merges by them; tokenization agreement is reported)."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from qlora_kit.testing.tiny import tiny_llama_config
+
+    corpus = ["The quick brown fox jumps over the lazy dog.", "What is the capital of France? Paris.", LONG] * 4
+    t = Tokenizer(models.Unigram())
+    t.normalizer = normalizers.Replace(" ", "\u2581")
+    t.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=150, special_tokens=["<pad>", "<eos>", "<unk>"],
+                                                               unk_token="<unk>", show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    LlamaForCausalLM(tiny_llama_config(len(tok))).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    export_gguf(tmp_path / "u.gguf", model=tmp_path / "m", quant="f16", verify=False, progress=False)
+    r = gguf.GGUFReader(tmp_path / "u.gguf")
+    vocab = json.loads(t.to_str())["model"]["vocab"]  # [[piece, log prob], ...] in id order
+    assert _field(r, "tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in r.fields
+    assert _field(r, "tokenizer.ggml.tokens") == [p for p, _ in vocab]
+    assert _field(r, "tokenizer.ggml.scores") == pytest.approx([s for _, s in vocab], rel=1e-6)
+    assert _field(r, "tokenizer.ggml.token_type")[tok.unk_token_id] == 2
