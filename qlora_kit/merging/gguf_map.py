@@ -36,10 +36,9 @@ class GgufArch:
 # HF model_type -> GGUF architecture. Mistral is written as llama, as llama.cpp's converter does. Gemma 2/3 use
 # NeoX-style rope (no Q/K reordering), store norms as 1 + w, and llama.cpp fixes their sliding-window pattern and
 # query scale by architecture (gemma_checks refuses configs it would run differently).
-_GEMMA3 = GgufArch("gemma3", False, 1.0, 6, 62)
 ARCHITECTURES = {"llama": GgufArch("llama", True), "mistral": GgufArch("llama", True),
                  "qwen2": GgufArch("qwen2", False), "gemma2": GgufArch("gemma2", False, 1.0, 2, 46),
-                 "gemma3_text": _GEMMA3}
+                 "gemma3_text": GgufArch("gemma3", False, 1.0, 6, 62)}
 # Types written here with gguf's numpy code (bit-exact with ggml's reference quantizer for Q8_0).
 NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0")
 # Types that need llama.cpp's quantizer (llama-cpp-python): name -> llama_ftype value.
