@@ -38,8 +38,8 @@ def format_export_summary(report: dict) -> str:
         tol = f" (tolerance {v['tolerance']:g})" if v["tolerance"] is not None else ""
         lines.append(f"verification: {'PASS' if v['passed'] else 'FAIL'}{tol}; {v['check']}")
         if v["adapter_lost"]:
-            lines.append(f"THE ADAPTER IS LOST in {report['quant']}: the quantized model behaves like the base model. "
-                         "Export a finer type (q8_0, f16) to keep the fine-tune.")
+            lines.append(f"THE ADAPTER IS LOST in {report['quant']} (by {v['adapter_lost_by']}): the quantized model "
+                         "behaves like the base model. Export a finer type (q8_0, f16) to keep the fine-tune.")
     return "\n".join(lines)
 
 

@@ -94,7 +94,7 @@ def write_gguf(path: Path, src: ExportSource, arch: GgufArch, tensors: list[Tens
     writer.add_name(src.name)
     writer.add_file_type(_FILE_TYPES.get(quant, 1))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_arch_metadata(writer, src.config, n_vocab)
+    add_arch_metadata(writer, src.config, n_vocab, arch)
     info = add_tokenizer_metadata(writer, tok, src.tokenizer_dir, n_vocab)
     for t in tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.ggml_type)
@@ -107,6 +107,8 @@ def write_gguf(path: Path, src: ExportSource, arch: GgufArch, tensors: list[Tens
             w, _ = merged_tensor(items[t.key], src.plan, reader)  # fp32 (merge.build_plan with dtype fp32)
             if t.permute_heads:
                 w = permute_qk(w, t.permute_heads)
+            if t.shift:
+                w = w.float() + t.shift  # Gemma norms: llama.cpp multiplies by the stored value, HF by 1 + w
             writer.write_tensor_data(encode(w.float(), t.ggml_type, t.key))
         for f in writer.fout or []:
             f.flush()

@@ -67,11 +67,24 @@ def _evaluate(model, examples: list | None, progress: bool = False) -> dict:
     return {"eval_loss": eval_loss(model, examples, progress), "exact_match": _hf_exact_match(model, examples, progress)}
 
 
-def _transformers_gguf(path: Path):
-    from transformers import AutoModelForCausalLM
+# Config fields transformers' GGUF loader does not read (it takes its config class's defaults); llama.cpp reads the
+# soft-capping keys and fixes the query scale by architecture (gguf_map.gemma_checks).
+LOADER_UNREAD = ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                device_map={"": "cpu"})
+
+def _transformers_gguf(path: Path, source_config: dict):
+    """The file loaded by transformers' GGUF loader (dequantized, fp32), and the config fields it does not read
+    that were taken from the source config (those whose default differs)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    overlaid = [k for k in LOADER_UNREAD if hasattr(config, k) and k in source_config
+                and getattr(config, k) != source_config[k]]
+    for k in overlaid:
+        setattr(config, k, source_config[k])
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config,
+                                                 dtype=torch.float32, device_map={"": "cpu"})
+    return model, overlaid
 
 
 def _tokenizer_agreement(path: Path, tok, prompts: list[str]) -> float:
@@ -155,9 +168,9 @@ def verify_gguf(path: Path, src, tok, info, quant: str, prompts: list[str] | Non
                  **_evaluate(model, examples, progress)}
     free_model(model)
 
-    model = _transformers_gguf(path)
+    model, overlaid = _transformers_gguf(path, src.config)
     loaded = run_prompts(model, ids, pad, max_new_tokens, "gguf", progress)
-    hf = {**compare_runs(ref, loaded), **_evaluate(model, examples, progress)}
+    hf = {**compare_runs(ref, loaded), **_evaluate(model, examples, progress), "config_from_source": overlaid}
     free_model(model)
     if base is not None:
         hf["logit_effect_retained"] = effect_retained(base, ref, loaded)
@@ -172,6 +185,19 @@ def verify_gguf(path: Path, src, tok, info, quant: str, prompts: list[str] | Non
     return result
 
 
+def _adapter_lost(result: dict) -> tuple[bool, str]:
+    """(lost, by what): with ``--eval-file``, a runtime whose held-out exact match is under ``LOST_BELOW`` of the
+    reference's has lost the adapter (the task decides: a lossy type may keep the answers while the logits move);
+    without one, a runtime that keeps under ``LOST_BELOW`` of the adapter's logit effect on the prompts."""
+    runs = (result["transformers"], result["llama_cpp"])
+    ref_em = result["reference"].get("exact_match")
+    if ref_em:
+        kept = [r["exact_match"] / ref_em for r in runs if r.get("exact_match") is not None]
+        return bool(kept) and min(kept) < LOST_BELOW, "held-out exact match"
+    kept = [r["logit_effect_retained"] for r in runs if r.get("logit_effect_retained") is not None]
+    return bool(kept) and min(kept) < LOST_BELOW, "logit effect on the prompts"
+
+
 def _judge(result: dict, src, quant: str, strict: bool) -> None:
     """Tolerance, pass/fail and the plain 'adapter lost' verdict; raise in strict mode on a mismatch."""
     hf = result["transformers"]
@@ -181,8 +207,7 @@ def _judge(result: dict, src, quant: str, strict: bool) -> None:
     result["check"] = ("max |Δlogit| of the file (read by transformers) <= tolerance x max |logit| of the reference"
                        if tol is not None else "reported only (lossy llama.cpp type or original-weight merge)")
     result["passed"] = bool(hf["finite"] and (tol is None or hf["max_rel_logit_diff"] <= tol))
-    kept = [r.get("logit_effect_retained") for r in (hf, result["llama_cpp"]) if r.get("logit_effect_retained") is not None]
-    result["adapter_lost"] = bool(kept) and min(kept) < LOST_BELOW
+    result["adapter_lost"], result["adapter_lost_by"] = _adapter_lost(result)
     if strict and not result["passed"]:
         raise VerificationError(
             f"the GGUF does not reproduce the model: max |Δlogit| = {hf['max_abs_logit_diff']:.3g} "

@@ -12,9 +12,18 @@ import json
 from pathlib import Path
 
 from qlora_kit.merging.gguf_map import GgufError
-
-# gguf.TokenType values (llama.cpp's llama_token_type).
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+from qlora_kit.merging.gguf_spm import (
+    CONTROL,
+    NORMAL,
+    UNUSED,
+    USER_DEFINED,
+    add_space_prefix,
+    check_byte_fallback,
+    is_sentencepiece_style,
+    spm_merges,
+    spm_scores,
+    spm_token_types,
+)
 
 
 @dataclasses.dataclass
@@ -106,21 +115,42 @@ def _adds(tok) -> tuple[bool, bool]:
     return bool(bos), bool(eos)
 
 
+def _add_sentencepiece(writer, tok, backend: dict, n_vocab: int, where: str) -> tuple[str, int]:
+    """GGUF's ``llama`` (SPM) tokenizer: tokens, scores, types, merges, space prefix. Returns (pre, padded)."""
+    model = backend["model"]
+    prefix = add_space_prefix(backend, where)
+    texts, types, padded = _tokens(tok, n_vocab, where)
+    check_byte_fallback(model, texts, where)
+    pads = {i for i, t in enumerate(types) if t == UNUSED}
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(texts)
+    writer.add_token_scores(spm_scores(model, texts))
+    writer.add_token_types(spm_token_types(tok, texts, pads))
+    if model.get("type") == "BPE":
+        writer.add_token_merges(spm_merges(model))
+    writer.add_add_space_prefix(prefix)
+    return "default", padded
+
+
 def add_tokenizer_metadata(writer, tok, folder: Path, n_vocab: int) -> VocabInfo:
-    """Write the byte-level BPE tokenizer ``tok`` (loaded from ``folder``: tokens, types, merges, special ids,
-    add-BOS/EOS flags and chat template) into ``writer``. Raises GgufError for a tokenizer GGUF cannot describe."""
+    """Write the tokenizer ``tok`` (loaded from ``folder``: tokens, types, merges or scores, special ids, add-BOS/EOS
+    flags and chat template) into ``writer``: byte-level BPE as GGUF's ``gpt2`` model, SentencePiece-style (BPE
+    with byte fallback, Unigram) as its ``llama`` model. Raises GgufError for a tokenizer GGUF cannot describe."""
     backend = json.loads(tok.backend_tokenizer.to_str())
     model = backend.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise GgufError(f"{folder}: only byte-level BPE tokenizers (GPT-2 style: Llama 3, Qwen2, SmolLM) are exported "
-                        f"yet; this one is {model.get('type')}{' with byte fallback (sentencepiece style)' if model.get('byte_fallback') else ''}")
-    pre = pre_tokenizer_name(backend, str(folder))
-    texts, types, padded = _tokens(tok, n_vocab, str(folder))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(texts)
-    writer.add_token_types(types)
-    writer.add_token_merges(_merges(backend))
+    if is_sentencepiece_style(model):
+        pre, padded = _add_sentencepiece(writer, tok, backend, n_vocab, str(folder))
+    elif model.get("type") == "BPE":
+        pre = pre_tokenizer_name(backend, str(folder))
+        texts, types, padded = _tokens(tok, n_vocab, str(folder))
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(texts)
+        writer.add_token_types(types)
+        writer.add_token_merges(_merges(backend))
+    else:
+        raise GgufError(f"{folder}: a {model.get('type')} tokenizer cannot be exported (byte-level BPE, BPE with byte "
+                        "fallback and Unigram can); convert the merged folder with llama.cpp's convert_hf_to_gguf.py")
     special = {k: getattr(tok, f"{k}_token_id") for k in ("bos", "eos", "unk", "pad")}
     special = {k: v for k, v in special.items() if v is not None}
     for kind, i in special.items():

@@ -94,3 +94,77 @@ def make_tiny_gemma3(out_dir: str | Path, vocab_size: int = 262_144, hidden_size
     Gemma3ForCausalLM(config).to(dtype).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+GEMMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}"
+    "\n{{ message['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def build_spm_tokenizer(style: str = "gemma", vocab_size: int = 320):
+    """A SentencePiece-style tokenizer built in code (no download, no ``sentencepiece``): BPE with byte fallback,
+    ids 0-3 <pad> <eos> <bos> <unk>, the 256 <0xXX> byte tokens, then learned pieces; BOS added to plain text.
+
+    ``style="gemma"``: spaces become "▁" with no prefix space, Gemma's turn markers and chat template.
+    ``style="llama2"``: a Metaspace pre-tokenizer that prepends "▁" (Llama 2 / Mistral v0.1), no chat template.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False)
+    trainer_tok.train_from_iterator(_CORPUS * 4, trainer)
+    learned = json.loads(trainer_tok.to_str())["model"]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)])}
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    if style == "gemma":
+        tok.normalizer = normalizers.Replace(" ", "\u2581")
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                       special_tokens=[("<bos>", vocab["<bos>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    if style == "gemma":
+        fast.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+        fast.chat_template = GEMMA_CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_gemma(out_dir: str | Path, version: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    **config_overrides) -> Path:
+    """Write a random tiny Gemma 2 or Gemma 3 (text) model with the SentencePiece-style tokenizer
+    (``build_spm_tokenizer("gemma")``) and return the folder.
+
+    Shapes follow what llama.cpp's gemma graphs fix: head_dim = query_pre_attn_scalar = 256 (so the query scale
+    agrees), Gemma 2's alternating and Gemma 3's 5-sliding-1-full layer pattern; a sliding window of 6 tokens, so
+    prompts longer than that exercise the sliding layers. Hidden 64, tied embeddings.
+    """
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    out_dir = Path(out_dir)
+    tok = build_spm_tokenizer("gemma")
+    config_class, model_class = (Gemma2Config, Gemma2ForCausalLM) if version == 2 else (Gemma3TextConfig,
+                                                                                         Gemma3ForCausalLM)
+    kwargs = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2 if version == 2 else 6,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                  max_position_embeddings=256, sliding_window=6, tie_word_embeddings=True, initializer_range=0.1,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    kwargs.update(config_overrides)
+    torch.manual_seed(seed)
+    model = model_class(config_class(**kwargs)).to(dtype)
+    with torch.no_grad():  # Gemma initializes norms to 0 (scale 1 + w = 1): randomize them to test the +1 shift
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.2)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return out_dir
