@@ -68,16 +68,31 @@ def available_memory(device: torch.device) -> int:
     return 2**63  # unknown: never force checkpointing on
 
 
-def idle_cores(seconds: float = 0.3) -> float | None:
-    """How many cores sat idle over the next ``seconds`` (from /proc/stat), or None where that can't be read.
-
-    An instantaneous measure: the 1-minute load average lags a competitor that started seconds ago."""
+def usable_cores() -> list[int]:
+    """The CPUs this process may run on (its affinity: taskset, cgroup cpusets), else all of them."""
     import os
+
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def idle_cores(seconds: float = 0.3) -> float | None:
+    """How many of this process's usable cores sat idle over the next ``seconds`` (from /proc/stat's per-CPU
+    lines), or None where that can't be read. An instantaneous measure: the 1-minute load average lags a
+    competitor that started seconds ago, and counts CPUs this process may not use."""
     import time
 
+    cpus = {f"cpu{i}" for i in usable_cores()}
+
     def sample() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait, all (guest time is inside user)
+        idle = total = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *values = line.split()
+            if name in cpus:
+                fields = [int(v) for v in values[:8]]
+                idle, total = idle + fields[3] + fields[4], total + sum(fields)  # idle + iowait, all
+        return idle, total
 
     try:
         idle0, total0 = sample()
@@ -85,21 +100,24 @@ def idle_cores(seconds: float = 0.3) -> float | None:
         idle1, total1 = sample()
     except (OSError, ValueError, IndexError):
         return None
-    return (os.cpu_count() or 1) * (idle1 - idle0) / max(total1 - total0, 1)
+    if total1 <= total0:
+        return None
+    return len(cpus) * (idle1 - idle0) / (total1 - total0)
 
 
 def choose_cpu_threads() -> int:
     """Set torch's CPU thread count for this process by how many cores are free, and return it.
 
-    One thread per idle core (at least one), measured over a third of a second before the run starts: OpenMP
-    threads that wait on each other at every op barrier made a training step several times slower than one
-    thread when another process kept a core busy (docs/benchmarks.md). Where /proc/stat can't be read, the
+    One thread per idle core of the ones this process may use (its affinity), at least one, measured over a
+    third of a second before the run starts: OpenMP threads that wait on each other at every op barrier made a
+    training step several times slower than one thread when another process kept a core busy
+    (docs/benchmarks.md). Where /proc/stat can't be read, the
     1-minute load average decides. ``OMP_NUM_THREADS`` or ``QLORA_KIT_THREADS`` in the environment decide
     instead when set.
     """
     import os
 
-    cores = os.cpu_count() or 1
+    cores = len(usable_cores())
     if os.environ.get("QLORA_KIT_THREADS") or os.environ.get("OMP_NUM_THREADS"):
         threads = int(os.environ.get("QLORA_KIT_THREADS") or os.environ["OMP_NUM_THREADS"])
         why = "from the environment"

@@ -54,7 +54,7 @@ def test_cpu_threads_follow_the_idle_cores(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("QLORA_KIT_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(hardware, "usable_cores", lambda: [0, 1])
     try:
         for idle, threads in ((1.9, 2), (0.9, 1), (0.0, 1)):
             monkeypatch.setattr(hardware, "idle_cores", lambda idle=idle: idle)
@@ -73,10 +73,12 @@ def test_cpu_threads_follow_the_idle_cores(monkeypatch):
 def test_idle_cores_reads_proc_stat():
     import os
 
-    from qlora_kit.hardware import idle_cores
+    from qlora_kit.hardware import idle_cores, usable_cores
 
     idle = idle_cores(0.05)
     if not os.path.exists("/proc/stat"):
         assert idle is None
-    else:
-        assert 0.0 <= idle <= (os.cpu_count() or 1) + 1e-9
+    else:  # counted over the CPUs this process may run on (taskset / cpuset), not the whole machine
+        assert 0.0 <= idle <= len(usable_cores()) + 1e-9
+    if hasattr(os, "sched_getaffinity"):
+        assert usable_cores() == sorted(os.sched_getaffinity(0))
