@@ -253,7 +253,9 @@ def test_demo_model_adapter_to_q8_0_runs_in_llama_cpp(demo_model_dir, tmp_path):
     pytest.importorskip("llama_cpp")
     from transformers import AutoTokenizer
 
-    _random_adapter(demo_model_dir, tmp_path / "ad", scale=2e-3, r=8, alpha=16)
+    # B at 1e-2: an effect on the logits well above q8_0's own rounding (at 2e-3 the two were of the same size, and
+    # the retained fraction measured that rounding: 1.7 in transformers, -1.2 in llama.cpp)
+    _random_adapter(demo_model_dir, tmp_path / "ad", scale=1e-2, r=8, alpha=16)
     tok = AutoTokenizer.from_pretrained(str(demo_model_dir))
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=False,
                                      add_generation_prompt=True)

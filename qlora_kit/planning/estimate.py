@@ -13,8 +13,9 @@ Every figure is derived from the block's tensors:
   ``saved_per_token`` below; with checkpointing only each layer's input is kept and one layer is recomputed.
 * The loss: unchunked (``model(..., labels=...)``) the head's logits in the compute dtype, the fp32 upcast and
   fp32 log-probabilities exist in forward, and in backward the saved log-probs, their gradient and the
-  logits' gradient (3 x 4 bytes per token per vocabulary entry); chunked, one chunk of fp32 logits and its
-  gradient plus the supervised tokens' hidden states and their gradient.
+  logits' gradient (3 x 4 bytes per token per vocabulary entry); chunked (and fused: the gradient computed in
+  forward), one chunk of fp32 logits and a compute-dtype copy of their gradient, plus the supervised tokens'
+  hidden states and their gradient.
 * The peak is the static memory (weights, LoRA parameters, optimizer states, framework) plus the largest of
   three moments: the loss backward (every saved activation alive, no LoRA gradient yet), a decoder layer's
   backward (activations partly freed, gradients partly allocated), and the optimizer step (all gradients).
@@ -168,9 +169,11 @@ def loss_bytes(arch: Architecture, tokens: int, cb: int, chunked: bool, chunk: i
     softcap = cb * V if arch.final_softcap else 0  # tanh output kept for backward
     if not chunked:
         return tokens * max(cb * V + 4 * V + 4 * V + softcap, 12 * V + softcap)
-    sup = tokens * supervised  # qlora_kit.training.loss: each chunk is checkpointed, so one chunk's logits live at
-    # a time, as in the unchunked case; plus the gathered supervised hidden states and their gradient
-    return min(chunk, sup) * (max(cb * V + 8 * V, 12 * V) + softcap) + sup * h * cb * 2
+    sup = tokens * supervised  # qlora_kit.training.loss, fused path (a frozen head): one chunk at a time holds its
+    # fp32 logits, turned in place into their gradient, and that gradient's copy in the compute dtype (plus the fp32
+    # tanh and capped logits under softcapping); afterwards only the supervised hidden states and their gradient
+    softcap = 8 * V if arch.final_softcap else 0
+    return min(chunk, sup) * ((cb + 4) * V + softcap) + sup * h * cb * 2
 
 
 def optimizer_bytes(sizes: list[int], optimizer: str) -> float:
