@@ -24,8 +24,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def compile_layers(model: nn.Module) -> int:
-    """Wrap the decoder layers' forward in ``torch.compile`` (inductor, dynamic shapes); returns how many.
+def compile_layers(model: nn.Module) -> list[nn.Module]:
+    """Wrap the decoder layers' forward in ``torch.compile`` (inductor, dynamic shapes); returns those layers.
 
     The first layer stays eager: its input, the frozen embeddings' output, needs no gradient, unlike every
     other layer's, and would cost a second compilation of the same graph. Compilation itself happens on the
@@ -34,7 +34,7 @@ def compile_layers(model: nn.Module) -> int:
     layers = decoder_layers(model)[1:]
     for layer in layers:
         layer.compile(dynamic=True)
-    return len(layers)
+    return layers
 
 
 @contextlib.contextmanager
@@ -43,8 +43,7 @@ def compiled_for_training(model: nn.Module, enabled: bool):
     so a model passed in by the caller is handed back as it came."""
     layers = []
     if enabled:
-        layers = decoder_layers(model)[1:]
-        compile_layers(model)
+        layers = compile_layers(model)
         log.info("torch.compile: %d decoder layers; the first steps compile them (about a minute on a CPU, one "
                  "graph for padded and one for unpadded batches)", len(layers))
     try:
